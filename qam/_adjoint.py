@@ -1,0 +1,209 @@
+"""Lean and basic adjoints of the memoryless SDE, and the adjoint matching loss.
+
+Sign convention: the adjoint is the gradient of a *cost* to be minimised, so for the reward
+`r(a) = inv_temp * Q(s, a)` the terminal adjoint is `A_K = -inv_temp * dQ/da` at the action.
+Time runs from 0 (noise) to 1 (action); the adjoint is integrated backwards, from `t_K = 1` to
+`t_0 = 0`. See Domingo-Enrich et al., "Adjoint Matching" (arXiv 2409.08861) and Li et al.,
+"Q-learning with Adjoint Matching" (arXiv 2601.14234).
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._misc import stop_gradient_tree
+from ._sde import SDETrajectory, memoryless_sigma
+from ._types import Obs, Scalar, VelocityField
+
+
+def _check_trajectory(name: str, trajectory: SDETrajectory, adjoint_name: str, adjoint) -> None:
+    xs, ts = trajectory.xs, trajectory.ts
+    if xs.ndim != 2 or ts.ndim != 1 or xs.shape[0] != ts.shape[0]:
+        raise ValueError(
+            f"`{name}(..., trajectory=...)` must be a single trajectory with `xs` of shape "
+            f"(K + 1, D) and `ts` of shape (K + 1,); got xs {tuple(xs.shape)} and ts "
+            f"{tuple(ts.shape)}. For a batch, use `jax.vmap`."
+        )
+    if xs.shape[0] < 3:
+        raise ValueError(
+            f"`{name}(..., trajectory=...)` needs at least 2 flow steps (K + 1 >= 3 points); "
+            f"got {xs.shape[0]} points."
+        )
+    if adjoint_name == "terminal_adjoint":
+        expected = (xs.shape[1],)
+    else:
+        expected = (xs.shape[0] - 1, xs.shape[1])
+    if tuple(adjoint.shape) != expected:
+        raise ValueError(
+            f"`{name}(..., {adjoint_name}=...)` must have shape {expected} to match the "
+            f"trajectory (K = {xs.shape[0] - 1}, D = {xs.shape[1]}); got {tuple(adjoint.shape)}."
+        )
+
+
+def lean_adjoint(
+    base_velocity: VelocityField,
+    obs: Obs,
+    trajectory: SDETrajectory,
+    terminal_adjoint: Float[Array, " action"],
+) -> Float[Array, "steps action"]:
+    """The lean adjoint of QAM along one trajectory, by the reference backward recursion.
+
+    ```
+    A_K = terminal_adjoint                       (usually -inv_temp * dQ/da at X_K)
+    f_i(x) = 2 v_B(t_{i+1}, x, obs) - x / t_{i+1}
+    A_i = A_{i+1} + h J_{f_i}(X_i)^T A_{i+1},    i = K-1 .. 0
+    ```
+    One vector-Jacobian product of the *base* drift per step: the base velocity is evaluated at
+    the state at the left end of the step, `X_i`, and the *shifted* time `t_{i+1} = t_i + h`
+    (the time at which the memoryless drift's `1 / t` is evaluated in the rollout). The step
+    `i = K-1` uses the SDE drift at time 1 even though the rollout's last step was the ODE.
+    Nothing depends on the fine-tuned velocity and there is no running-cost term: this is the
+    continuous lean adjoint `dA/dt = -(d b_B / dx)^T A` discretised as in QAM_SPEC §1.4.
+
+    Nothing is differentiated through: `base_velocity`, the trajectory and the result are all
+    wrapped in `jax.lax.stop_gradient`.
+
+    **Arguments:**
+
+    - `base_velocity`: the behaviour velocity `v_B(t, x, obs)` used in the rollout.
+    - `obs`: the observation.
+    - `trajectory`: one `SDETrajectory` (`xs` of shape `(K + 1, D)`).
+    - `terminal_adjoint`: `A_K`, shape `(D,)`.
+
+    **Returns:** `A_0 .. A_{K-1}`, shape `(K, D)`, row `i` aligned with `trajectory.xs[i]`.
+    """
+    _check_trajectory("lean_adjoint", trajectory, "terminal_adjoint", terminal_adjoint)
+    base = stop_gradient_tree(base_velocity)
+    xs = jax.lax.stop_gradient(trajectory.xs)
+    ts = jax.lax.stop_gradient(trajectory.ts)
+
+    def step(a_next, inputs):
+        x, t_next, h = inputs
+        _, vjp = jax.vjp(lambda x_: base(t_next, x_, obs), x)
+        (a_dot_dv,) = vjp(a_next)
+        a = a_next + h * (2.0 * a_dot_dv - a_next / t_next)
+        return a, a
+
+    init = jax.lax.stop_gradient(terminal_adjoint).astype(xs.dtype)
+    _, adjoints = jax.lax.scan(step, init, (xs[:-1], ts[1:], jnp.diff(ts)), reverse=True)
+    return jax.lax.stop_gradient(adjoints)
+
+
+def basic_adjoint(
+    velocity: VelocityField,
+    base_velocity: VelocityField,
+    obs: Obs,
+    trajectory: SDETrajectory,
+    terminal_adjoint: Float[Array, " action"],
+    *,
+    running_cost_scale: float = 1.0,
+    residual: bool = False,
+) -> Float[Array, "steps action"]:
+    """The basic (exact discrete) adjoint of the memoryless rollout, as in BAM (QAM_SPEC §2).
+
+    It is the gradient, with respect to each state `X_i`, of the cost-to-go
+    `J = c_K(X_K) + sum_{j < K-1} C_j(X_j)` of the rollout of `memoryless_sde_sample` with the
+    noise held fixed, where `terminal_adjoint = dc_K/da (X_K)` and
+    `C_j(x) = running_cost_scale * 2 ||v(t_j, x) - v_B(t_j, x)||^2 / sigma_j^2` (in residual
+    mode `v` itself is the difference). So it equals `jax.grad` through the rollout:
+
+    ```
+    A_K     = terminal_adjoint
+    A_{K-1} = (I + h dv_B/dx (X_{K-1}, t_{K-1}))^T A_K
+    A_i     = (I + h d/dx[2 v(t_i, x) - x / (t_i + h)])^T A_{i+1} + dC_i/dx,   at x = X_i
+    ```
+    Unlike `lean_adjoint`, the Jacobians are of the *fine-tuned* drift at the unshifted time,
+    and the running cost enters. `running_cost_scale=1.0` is BAM's cost (no factor `h`);
+    `running_cost_scale=h` is the exact discretisation of `int 1/2 ||u||^2 dt`; `0.0` drops it.
+    No gradient flows out of the result.
+
+    **Returns:** `A_0 .. A_{K-1}`, shape `(K, D)`.
+    """
+    _check_trajectory("basic_adjoint", trajectory, "terminal_adjoint", terminal_adjoint)
+    base = stop_gradient_tree(base_velocity)
+    fine = stop_gradient_tree(velocity)
+    xs = jax.lax.stop_gradient(trajectory.xs)
+    ts = jax.lax.stop_gradient(trajectory.ts)
+    num_steps = xs.shape[0] - 1
+
+    def fine_drift_velocity(t, x):
+        v = fine(t, x, obs)
+        return v + base(t, x, obs) if residual else v
+
+    def control_difference(t, x):
+        v = fine(t, x, obs)
+        return v if residual else v - base(t, x, obs)
+
+    a_last_next = jax.lax.stop_gradient(terminal_adjoint).astype(xs.dtype)
+    _, vjp_last = jax.vjp(lambda x_: base(ts[-2], x_, obs), xs[-2])
+    h_last = ts[-1] - ts[-2]
+    a_last = a_last_next + h_last * vjp_last(a_last_next)[0]
+
+    def step(a_next, inputs):
+        x, t, h = inputs
+        sigma = memoryless_sigma(t, h)
+
+        def step_map(x_):
+            return x_ + h * (2.0 * fine_drift_velocity(t, x_) - x_ / (t + h))
+
+        def running_cost(x_):
+            diff = control_difference(t, x_)
+            return running_cost_scale * 2.0 * jnp.sum(diff**2) / sigma**2
+
+        _, vjp = jax.vjp(step_map, x)
+        a = vjp(a_next)[0] + jax.grad(running_cost)(x)
+        return a, a
+
+    steps = (xs[: num_steps - 1], ts[: num_steps - 1], jnp.diff(ts)[: num_steps - 1])
+    _, adjoints = jax.lax.scan(step, a_last, steps, reverse=True)
+    return jax.lax.stop_gradient(jnp.concatenate([adjoints, a_last[None]], axis=0))
+
+
+def adjoint_matching_loss(
+    velocity: VelocityField,
+    base_velocity: VelocityField,
+    obs: Obs,
+    trajectory: SDETrajectory,
+    adjoint: Float[Array, "steps action"],
+    *,
+    residual: bool = False,
+) -> Scalar:
+    """The adjoint matching loss of QAM on one trajectory (QAM_SPEC §1.5).
+
+    ```
+    r_i = 2 (v(t_i, X_i) - v_B(t_i, X_i)) / sigma_i + sigma_i A_i       (residual: 2 v / sigma_i + sigma_i A_i)
+    L   = sum_{i=0}^{K-1} || r_i ||^2                                   (sum over steps and dims; no h)
+    ```
+    with `sigma_i^2 = 2 (1 - t_i + h) / (t_i + h)` and the networks at the unshifted `t_i`. Its
+    pointwise minimiser is `v(t_i, x) = v_B(t_i, x) - (sigma_i^2 / 2) E[A_i | X_i = x]`, the
+    velocity of the reward-tilted flow in the continuous limit.
+
+    Gradients flow only into `velocity`: `base_velocity`, the trajectory and `adjoint` are
+    wrapped in `jax.lax.stop_gradient`. Average over a batch at the call site (the reference does
+    not weight this loss by the `valid` flags).
+
+    **Arguments:**
+
+    - `velocity`: the trainable fine-tuned velocity (first, for `eqx.filter_grad`).
+    - `base_velocity`: the base velocity of the rollout (QAM: the EMA behaviour flow).
+    - `obs`: the observation.
+    - `trajectory`: the `SDETrajectory` the adjoint was computed on.
+    - `adjoint`: `A_0 .. A_{K-1}` from `lean_adjoint`, shape `(K, D)`.
+    - `residual`: whether `velocity` parametrises `v_fine - v_B`.
+
+    **Returns:** the scalar loss for this trajectory.
+    """
+    _check_trajectory("adjoint_matching_loss", trajectory, "adjoint", adjoint)
+    xs = jax.lax.stop_gradient(trajectory.xs[:-1])
+    ts = jax.lax.stop_gradient(trajectory.ts)
+    adjoint = jax.lax.stop_gradient(adjoint)
+    t, h = ts[:-1], jnp.diff(ts)
+    sigma = memoryless_sigma(t, h)[:, None]
+    v = jax.vmap(velocity, in_axes=(0, 0, None))(t, xs, obs)
+    if residual:
+        control = v
+    else:
+        base = stop_gradient_tree(base_velocity)
+        control = v - jax.vmap(base, in_axes=(0, 0, None))(t, xs, obs)
+    residuals = 2.0 * control / sigma + sigma * adjoint
+    return jnp.sum(residuals**2)

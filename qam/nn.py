@@ -1,0 +1,223 @@
+"""Single-example Equinox modules used by the QAM agents.
+
+Every module works on one example (flat 1-D arrays); batch with `jax.vmap`. Dense layers use
+Xavier-uniform weights and zero biases, and GELU (tanh approximation) activations, as the
+reference implementation does.
+"""
+
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+
+def _xavier_linear(in_size: int, out_size: int, *, key: PRNGKeyArray) -> eqx.nn.Linear:
+    limit = jnp.sqrt(6.0 / (in_size + out_size))
+    weight = jax.random.uniform(key, (out_size, in_size), minval=-limit, maxval=limit)
+    linear = eqx.nn.Linear(in_size, out_size, key=key)
+    return eqx.tree_at(lambda m: (m.weight, m.bias), linear, (weight, jnp.zeros((out_size,))))
+
+
+class MLP(eqx.Module):
+    """A multilayer perceptron on one flat input.
+
+    `Linear -> GELU [-> LayerNorm]` for each hidden layer, then a final `Linear` (followed by
+    the activation, and LayerNorm, only if `activate_final`). Xavier-uniform weights, zero
+    biases.
+
+    **Arguments:**
+
+    - `in_size`, `out_size`: input and output sizes.
+    - `hidden_sizes`: the hidden widths, e.g. `(512, 512, 512, 512)`.
+    - `layer_norm`: LayerNorm after each hidden activation (the reference critic uses it).
+    - `activate_final`: apply the activation (and LayerNorm) after the last layer too.
+    - `activation`: defaults to `jax.nn.gelu` (tanh approximation).
+    - `key`: a PRNG key.
+    """
+
+    layers: tuple[eqx.nn.Linear, ...]
+    norms: tuple[eqx.nn.LayerNorm, ...] | None
+    activation: Callable[[Array], Array] = eqx.field(static=True)
+    activate_final: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_size: int,
+        out_size: int,
+        hidden_sizes: Sequence[int],
+        *,
+        layer_norm: bool = False,
+        activate_final: bool = False,
+        activation: Callable[[Array], Array] = jax.nn.gelu,
+        key: PRNGKeyArray,
+    ):
+        sizes = [in_size, *hidden_sizes, out_size]
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = tuple(
+            _xavier_linear(i, o, key=k) for i, o, k in zip(sizes[:-1], sizes[1:], keys)
+        )
+        num_norms = len(hidden_sizes) + (1 if activate_final else 0)
+        self.norms = (
+            tuple(eqx.nn.LayerNorm(size) for size in sizes[1 : 1 + num_norms])
+            if layer_norm
+            else None
+        )
+        self.activation = activation
+        self.activate_final = activate_final
+
+    def __call__(self, x: Float[Array, " in_size"]) -> Float[Array, " out_size"]:
+        num_layers = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i + 1 < num_layers or self.activate_final:
+                x = self.activation(x)
+                if self.norms is not None:
+                    x = self.norms[i](x)
+        return x
+
+
+class VelocityNetwork(eqx.Module):
+    """A flow velocity field `v(t, x, obs) = MLP(concat(obs, x, t))`.
+
+    Called in diffrax's `(t, y, args)` order, so it drops into `diffrax.ODETerm` and into every
+    core function of `qam`. `t` is the raw scalar flow time (0 noise, 1 action), no Fourier
+    features; `x` the flat action (chunk) of size `action_dim`; `obs` a flat observation.
+    """
+
+    mlp: MLP
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden_sizes: Sequence[int] = (512, 512, 512, 512),
+        *,
+        layer_norm: bool = False,
+        key: PRNGKeyArray,
+    ):
+        self.mlp = MLP(obs_dim + action_dim + 1, action_dim, hidden_sizes, layer_norm=layer_norm, key=key)
+
+    def __call__(
+        self, t: Float[ArrayLike, ""], x: Float[Array, " action"], obs: Float[Array, " obs"]
+    ) -> Float[Array, " action"]:
+        t = jnp.asarray(t, dtype=x.dtype)
+        return self.mlp(jnp.concatenate([obs, x, t[None]]))
+
+
+class CriticEnsemble(eqx.Module):
+    """An ensemble of `num_critics` independently initialised Q-networks `Q_e(s, a)`.
+
+    The members are stored stacked (every parameter has a leading axis of size `E`) and
+    evaluated with one vmapped call. Each member is `MLP(concat(obs, action)) -> scalar`, with
+    LayerNorm after every hidden activation by default (as in the reference critic).
+    """
+
+    members: MLP
+    num_critics: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden_sizes: Sequence[int] = (512, 512, 512, 512),
+        *,
+        num_critics: int = 10,
+        layer_norm: bool = True,
+        key: PRNGKeyArray,
+    ):
+        if num_critics < 1:
+            raise ValueError(f"`CriticEnsemble(num_critics=...)` must be >= 1; got {num_critics}.")
+
+        @eqx.filter_vmap
+        def make(k):
+            return MLP(obs_dim + action_dim, 1, hidden_sizes, layer_norm=layer_norm, key=k)
+
+        self.members = make(jax.random.split(key, num_critics))
+        self.num_critics = num_critics
+
+    def __call__(
+        self, obs: Float[Array, " obs"], action: Float[Array, " action"]
+    ) -> Float[Array, " ensemble"]:
+        inputs = jnp.concatenate([obs, action])
+
+        @eqx.filter_vmap(in_axes=(eqx.if_array(0), None))
+        def evaluate(member, x):
+            return member(x)[0]
+
+        return evaluate(self.members, inputs)
+
+
+def tanh_gaussian_log_prob(
+    pre_tanh: Float[Array, " action"],
+    mean: Float[Array, " action"],
+    log_std: Float[Array, " action"],
+) -> Float[Array, ""]:
+    """Log-density of `a = tanh(u)`, `u ~ N(mean, exp(log_std)^2)`, at the pre-tanh sample `u`.
+
+    `log p(a) = sum_d [log N(u_d; mean_d, std_d) - log(1 - tanh(u_d)^2)]`, with the Jacobian term
+    in the stable form `log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2 u))`. Working from `u`
+    avoids `atanh` of a squashed sample near `+-1`.
+    """
+    std_normal = (pre_tanh - mean) * jnp.exp(-log_std)
+    gaussian = -0.5 * std_normal**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
+    log_det = 2.0 * (jnp.log(2.0) - pre_tanh - jax.nn.softplus(-2.0 * pre_tanh))
+    return jnp.sum(gaussian - log_det)
+
+
+class TanhGaussianPolicy(eqx.Module):
+    """A tanh-squashed diagonal Gaussian `pi(a | x)` on a flat input `x` (QAM-EDIT's edit policy).
+
+    Trunk `MLP(x)` with the activation on its last layer, then two linear heads for the mean and
+    the log-std; the log-std is clipped to `[log_std_min, log_std_max]` (default `[-20, 2]`).
+    """
+
+    trunk: MLP
+    mean_head: eqx.nn.Linear
+    log_std_head: eqx.nn.Linear
+    log_std_min: float = eqx.field(static=True)
+    log_std_max: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_size: int,
+        action_dim: int,
+        hidden_sizes: Sequence[int] = (512, 512, 512, 512),
+        *,
+        layer_norm: bool = False,
+        log_std_min: float = -20.0,
+        log_std_max: float = 2.0,
+        key: PRNGKeyArray,
+    ):
+        if not hidden_sizes:
+            raise ValueError("`TanhGaussianPolicy(hidden_sizes=...)` must name at least one layer.")
+        trunk_key, mean_key, std_key = jax.random.split(key, 3)
+        *inner, last = hidden_sizes
+        self.trunk = MLP(
+            in_size, last, inner, layer_norm=layer_norm, activate_final=True, key=trunk_key
+        )
+        self.mean_head = _xavier_linear(last, action_dim, key=mean_key)
+        self.log_std_head = _xavier_linear(last, action_dim, key=std_key)
+        self.log_std_min = log_std_min
+        self.log_std_max = log_std_max
+
+    def distribution(
+        self, x: Float[Array, " in_size"]
+    ) -> tuple[Float[Array, " action"], Float[Array, " action"]]:
+        """The pre-tanh Gaussian's `(mean, log_std)`."""
+        features = self.trunk(x)
+        log_std = jnp.clip(self.log_std_head(features), self.log_std_min, self.log_std_max)
+        return self.mean_head(features), log_std
+
+    def sample_and_log_prob(
+        self, x: Float[Array, " in_size"], *, key: PRNGKeyArray
+    ) -> tuple[Float[Array, " action"], Float[Array, ""]]:
+        """A reparameterised sample `a = tanh(mean + std * eps)` and its log-density."""
+        mean, log_std = self.distribution(x)
+        pre_tanh = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
+        return jnp.tanh(pre_tanh), tanh_gaussian_log_prob(pre_tanh, mean, log_std)
+
+    def mode(self, x: Float[Array, " in_size"]) -> Float[Array, " action"]:
+        """`tanh(mean)`."""
+        return jnp.tanh(self.distribution(x)[0])
