@@ -2,8 +2,18 @@ import jax
 import pytest
 
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Catch the classic RL broadcasting bug ((B,) against (B, 1) -> (B, B)) everywhere.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def _dtype_promotion(request):
+    """Strict dtype promotion (as equinox and diffrax test with), except in tests marked
+    `standard_promotion`: optax's Adam mixes a Python float with an int32 step count, which
+    strict mode rejects inside optax itself."""
+    mode = "standard" if request.node.get_closest_marker("standard_promotion") else "strict"
+    with jax.numpy_dtype_promotion(mode):
+        yield
 
 
 @pytest.fixture

@@ -30,12 +30,12 @@ class Dataset(eqx.Module):
     functions such as [`qam.data.sample_sequence`][].
     """
 
-    observations: Shaped[Array, "N *obs"]
+    observations: Shaped[Array, " N *obs"]
     actions: Float[Array, "N act"]
     rewards: Float[Array, " N"]
     masks: Float[Array, " N"]
     terminals: Float[Array, " N"]
-    next_observations: Shaped[Array, "N *obs"]
+    next_observations: Shaped[Array, " N *obs"]
 
     @property
     def size(self) -> int:
@@ -103,7 +103,9 @@ def dataset_from_numpy(
             )
     if arrays["next_observations"].shape != obs.shape:
         raise _shape_error(
-            name, "next_observations", f"shape {obs.shape} (as 'observations')",
+            name,
+            "next_observations",
+            f"shape {obs.shape} (as 'observations')",
             f"shape {arrays['next_observations'].shape}",
         )
     if arrays["actions"].ndim != 2:
@@ -141,7 +143,6 @@ def concatenate_datasets(*datasets: Dataset) -> Dataset:
     return Dataset(
         **{k: jnp.concatenate([getattr(d, k) for d in datasets], axis=0) for k in _FIELDS}
     )
-
 
 
 class ReplayBuffer(eqx.Module):

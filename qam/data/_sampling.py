@@ -22,7 +22,7 @@ class SequenceBatch(NamedTuple):
     - `next_observations`: `s'_{j+k}` while valid, then held at the last valid one, `(B, H, *obs)`.
     """
 
-    observations: Shaped[Array, "B *obs"]
+    observations: Shaped[Array, " B *obs"]
     actions: Float[Array, "B H act"]
     rewards: Float[Array, "B H"]
     masks: Float[Array, "B H"]

@@ -1,0 +1,445 @@
+"""Local generation of OGBench manipulation datasets with OGBench's own scripted oracles.
+
+Mirrors OGBench's `data_gen_scripts/generate_manipspace.py` (not shipped in the `ogbench`
+wheel): same environments (`terminate_at_goal=False`, `mode='data_collection'`), oracles,
+noise parameters, per-episode cube-stacking probabilities, scene health check, stored keys
+and dtypes, and the train/validation split, so the files load with `ogbench.load_dataset`
+and `ogbench.make_env_and_datasets(..., dataset_path=...)`.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ._compat import import_ogbench
+
+
+GENERATABLE_ENVS = (
+    "cube-single-v0",
+    "cube-double-v0",
+    "cube-triple-v0",
+    "cube-quadruple-v0",
+    "cube-octuple-v0",
+    "scene-v0",
+    "puzzle-3x3-v0",
+    "puzzle-4x4-v0",
+    "puzzle-4x5-v0",
+    "puzzle-4x6-v0",
+)
+DATASET_TYPES = ("play", "noisy")
+OGBENCH_MAX_EPISODE_STEPS = 1001  # OGBench: 1001 steps -> 1000 transitions per episode.
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedDataset:
+    """What [`qam.data.generate_dataset`][] wrote: the `train_path` and `val_path` files,
+    the transition counts (rows stored; `ogbench.load_dataset` drops each episode's last row)
+    and the generation `metadata` (also written next to the files as `<name>.meta.json`)."""
+
+    train_path: str
+    val_path: str
+    num_train_steps: int
+    num_val_steps: int
+    metadata: dict[str, Any]
+
+
+def dataset_file_stem(env_name: str, dataset_type: str) -> str:
+    """`cube-double-v0`, `play` -> `cube-double-play-v0` (OGBench's file naming)."""
+    _check_env(env_name, dataset_type)
+    return f"{env_name.removesuffix('-v0')}-{dataset_type}-v0"
+
+
+def _check_env(env_name: str, dataset_type: str) -> None:
+    if env_name not in GENERATABLE_ENVS:
+        hint = ""
+        if isinstance(env_name, str) and ("maze" in env_name or "soccer" in env_name):
+            hint = (
+                " Locomotion datasets need OGBench's expert policies, which are not shipped; "
+                "use the official files."
+            )
+        elif isinstance(env_name, str) and env_name.startswith("visual-"):
+            hint = " Pixel ('visual-') datasets need the official files."
+        elif isinstance(env_name, str) and "singletask" in env_name:
+            hint = (
+                " Pass the goal-conditioned environment, e.g. 'cube-double-v0' for "
+                "'cube-double-play-singletask-task2-v0'."
+            )
+        raise ValueError(
+            f"Cannot generate a dataset for {env_name!r}: local generation supports "
+            f"{list(GENERATABLE_ENVS)}.{hint}"
+        )
+    if dataset_type not in DATASET_TYPES:
+        raise ValueError(
+            f"dataset_type: expected one of {list(DATASET_TYPES)}, got {dataset_type!r}."
+        )
+
+
+def _default_p_random_action(env_name: str, dataset_type: str) -> float:
+    # OGBench's commands: noisy cube/scene use 0.1, noisy puzzle 0.2, play 0.
+    if dataset_type == "play":
+        return 0.0
+    return 0.2 if env_name.startswith("puzzle") else 0.1
+
+
+def _sample_p_stack(env_name: str) -> float:
+    # OGBench's per-episode probability of stacking the target cube on another cube.
+    if "single" in env_name:
+        return 0.0
+    if "double" in env_name:
+        return float(np.random.uniform(0.0, 0.25))
+    if "triple" in env_name:
+        return float(np.random.uniform(0.05, 0.35))
+    if "quadruple" in env_name:
+        return float(np.random.uniform(0.1, 0.5))
+    if "octuple" in env_name:
+        return float(np.random.uniform(0.0, 0.35))
+    return 0.5
+
+
+def _make_oracles(
+    env: Any, env_name: str, oracle: str, noise: float, smoothing: float, min_norm: float
+) -> dict[str, Any]:
+    from ogbench.manipspace.oracles.markov.button_markov import ButtonMarkovOracle
+    from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
+    from ogbench.manipspace.oracles.markov.drawer_markov import DrawerMarkovOracle
+    from ogbench.manipspace.oracles.markov.window_markov import WindowMarkovOracle
+    from ogbench.manipspace.oracles.plan.button_plan import ButtonPlanOracle
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
+    from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle
+    from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle
+
+    plan = dict(noise=noise, noise_smoothing=smoothing)
+    if env_name.startswith("cube"):
+        if oracle == "markov":
+            return {"cube": CubeMarkovOracle(env=env, min_norm=min_norm)}
+        return {"cube": CubePlanOracle(env=env, **plan)}
+    if env_name.startswith("scene"):
+        if oracle == "markov":
+            return {
+                "cube": CubeMarkovOracle(env=env, min_norm=min_norm, max_step=100),
+                "button": ButtonMarkovOracle(env=env, min_norm=min_norm),
+                "drawer": DrawerMarkovOracle(env=env, min_norm=min_norm),
+                "window": WindowMarkovOracle(env=env, min_norm=min_norm),
+            }
+        return {
+            "cube": CubePlanOracle(env=env, **plan),
+            "button": ButtonPlanOracle(env=env, **plan),
+            "drawer": DrawerPlanOracle(env=env, **plan),
+            "window": WindowPlanOracle(env=env, **plan),
+        }
+    if oracle == "markov":
+        button = ButtonMarkovOracle(env=env, min_norm=min_norm, gripper_always_closed=True)
+        return {"button": button}
+    return {"button": ButtonPlanOracle(env=env, gripper_always_closed=True, **plan)}
+
+
+@contextlib.contextmanager
+def _seeded_global_numpy(seed: int) -> Iterator[None]:
+    """OGBench's oracles draw from numpy's global RNG: seed it, and restore it afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+class _Progress:
+    """tqdm when available, else a line every 10%."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self._bar = None
+        self._total, self._desc, self._enabled = total, desc, enabled
+        self._n, self._last_pct = 0, -1
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="ep", file=sys.stderr)
+        except ImportError:
+            pass
+
+    def update(self) -> None:
+        self._n += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self._enabled:
+            pct = 100 * self._n // max(self._total, 1)
+            if pct // 10 != self._last_pct // 10:
+                print(f"{self._desc}: {self._n}/{self._total} episodes", file=sys.stderr)
+                self._last_pct = pct
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _run_episode(env, env_name, oracle, agents, noise, p_random_action) -> dict[str, list]:
+    ob, info = env.reset()
+    p_stack = _sample_p_stack(env_name)
+    xi = float(np.random.uniform(0, noise)) if oracle == "markov" else 0.0
+    agent = agents[info["privileged/target_task"]]
+    agent.reset(ob, info)
+    has_buttons = hasattr(env.unwrapped, "_cur_button_states")
+    episode: dict[str, list] = defaultdict(list)
+    done = False
+    while not done:
+        if np.random.rand() < p_random_action:
+            action = env.action_space.sample()
+        else:
+            action = np.array(agent.select_action(ob, info))
+            if oracle == "markov":
+                scale = [xi, xi, xi, xi * 3, xi * 10]
+                action = action + np.random.normal(0, scale, action.shape)
+        action = np.clip(action, -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if agent.done:
+            agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
+            agent = agents[agent_info["privileged/target_task"]]
+            agent.reset(agent_ob, agent_info)
+        episode["observations"].append(ob)
+        episode["actions"].append(action)
+        episode["terminals"].append(done)
+        episode["qpos"].append(info["prev_qpos"])
+        episode["qvel"].append(info["prev_qvel"])
+        if has_buttons:
+            episode["button_states"].append(info["prev_button_states"])
+        ob = next_ob
+    return episode
+
+
+def _scene_healthy(episode: dict[str, list]) -> bool:
+    # OGBench's check: the cube stays visible unless it is in the drawer.
+    block_xyzs = np.asarray(episode["qpos"])[:, 14:17]
+    if (block_xyzs[:, 1] >= 0.29).any():
+        return False
+    too_far_left = (block_xyzs[:, 1] <= -0.3) & (
+        (block_xyzs[:, 2] < 0.06) | (block_xyzs[:, 2] > 0.08)
+    )
+    return not too_far_left.any()
+
+
+def _to_arrays(episodes: list[dict[str, list]]) -> dict[str, np.ndarray]:
+    out = {}
+    for k in episodes[0]:
+        rows = [row for ep in episodes for row in ep[k]]
+        if k == "terminals":
+            dtype = bool
+        elif k == "button_states":
+            dtype = np.int64
+        else:
+            dtype = np.float32
+        out[k] = np.asarray(rows, dtype=dtype)
+    return out
+
+
+def _chmod_default(path: str) -> None:
+    # mkstemp creates 0600 files; give the final file the usual 0666 & ~umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> str:
+    """Write `arrays` to a temporary file next to `path`; return the temporary path."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        _chmod_default(tmp)
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        _chmod_default(tmp)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def generate_dataset(
+    env_name: str,
+    dataset_type: str,
+    *,
+    num_episodes: int,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    max_episode_steps: int | None = None,
+    num_val_episodes: int | None = None,
+    noise: float = 0.1,
+    noise_smoothing: float = 0.5,
+    min_norm: float = 0.4,
+    p_random_action: float | None = None,
+    progress: bool = True,
+    overwrite: bool = True,
+) -> GeneratedDataset:
+    """Generate an OGBench manipulation dataset locally with OGBench's scripted oracles.
+
+    Writes `out_dir/<env>-<type>-v0.npz` and `out_dir/<env>-<type>-v0-val.npz` (e.g.
+    `cube-double-play-v0.npz`) in OGBench's own format: `observations` (float32), `actions`
+    (float32, clipped to `[−1, 1]`), `terminals` (bool, 1 on each episode's last step), `qpos`,
+    `qvel` (float32, the state *before* each action) and, for scene and puzzle,
+    `button_states` (int64). Each file is written to a temporary file in `out_dir` and moved
+    into place with `os.replace`. Deterministic for a given `seed` (the environment is seeded
+    once and numpy's global RNG, which the oracles use, is seeded for the duration and
+    restored afterwards).
+
+    Following OGBench's `generate_manipspace.py`:
+
+    - `play`: the plan oracle (`ogbench.manipspace.oracles.plan`) following keyframe plans
+      with temporally correlated noise (`noise`, Gaussian-smoothed with `noise_smoothing`);
+    - `noisy`: the Markov oracle (`ogbench.manipspace.oracles.markov`) with per-episode
+      Gaussian action noise `ξ ~ U(0, noise)`, scaled `(ξ, ξ, ξ, 3ξ, 10ξ)` per action
+      dimension, and a random action with probability `p_random_action` (default 0.1 for cube
+      and scene, 0.2 for puzzle, as in OGBench's commands; 0 for `play`).
+
+    Tasks are resampled whenever the oracle finishes one (`env.set_new_target`), with OGBench's
+    per-episode cube-stacking probability; unhealthy scene episodes are retried.
+
+    **Arguments:**
+
+    - `env_name`: one of `cube-{single,double,triple,quadruple,octuple}-v0`, `scene-v0`,
+      `puzzle-{3x3,4x4,4x5,4x6}-v0`.
+    - `dataset_type`: `"play"` or `"noisy"`.
+    - `num_episodes`: training episodes (OGBench: 1000 for single/double/scene/3x3/4x4,
+      3000 for triple/4x5, 5000 for quadruple/4x6).
+    - `out_dir`: output directory (created if needed).
+    - `seed`: random seed.
+    - `max_episode_steps`: steps per episode; OGBench's 1001 by default (1000 transitions
+      after `ogbench.load_dataset` drops each episode's last step). Small values make tiny
+      test datasets.
+    - `num_val_episodes`: validation episodes; OGBench's `num_episodes // 10` by default, at
+      least 1.
+    - `noise`, `noise_smoothing`, `min_norm`, `p_random_action`: OGBench's oracle settings.
+    - `progress`: show a progress bar on stderr.
+    - `overwrite`: replace existing files; if `False`, raise `FileExistsError`.
+
+    **Returns:** a [`qam.data.GeneratedDataset`][].
+    """
+    import gymnasium
+
+    import_ogbench()  # registers the environments
+
+    _check_env(env_name, dataset_type)
+    if not isinstance(num_episodes, int) or num_episodes < 1:
+        raise ValueError(f"num_episodes: expected an int >= 1, got {num_episodes!r}.")
+    steps = OGBENCH_MAX_EPISODE_STEPS if max_episode_steps is None else int(max_episode_steps)
+    if steps < 2:
+        raise ValueError(f"max_episode_steps: expected an int >= 2, got {max_episode_steps!r}.")
+    if num_val_episodes is None:
+        num_val_episodes = max(1, num_episodes // 10)
+    if num_val_episodes < 1:
+        raise ValueError(f"num_val_episodes: expected an int >= 1, got {num_val_episodes!r}.")
+    if p_random_action is None:
+        p_random_action = _default_p_random_action(env_name, dataset_type)
+
+    directory = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+    os.makedirs(directory, exist_ok=True)
+    stem = dataset_file_stem(env_name, dataset_type)
+    train_path = os.path.join(directory, f"{stem}.npz")
+    val_path = os.path.join(directory, f"{stem}-val.npz")
+    if not overwrite:
+        for p in (train_path, val_path):
+            if os.path.exists(p):
+                raise FileExistsError(f"{p} exists; pass overwrite=True to replace it.")
+
+    oracle = "plan" if dataset_type == "play" else "markov"
+    env = gymnasium.make(
+        env_name, terminate_at_goal=False, mode="data_collection", max_episode_steps=steps
+    )
+    started = time.time()
+    train_eps: list[dict[str, list]] = []
+    val_eps: list[dict[str, list]] = []
+    total = num_episodes + num_val_episodes
+    bar = _Progress(total, stem, progress)
+    try:
+        with _seeded_global_numpy(seed):
+            env.reset(seed=seed)
+            env.action_space.seed(seed)
+            agents = _make_oracles(env, env_name, oracle, noise, noise_smoothing, min_norm)
+            retries = 0
+            for ep_idx in range(total):
+                while True:
+                    episode = _run_episode(env, env_name, oracle, agents, noise, p_random_action)
+                    if not env_name.startswith("scene") or _scene_healthy(episode):
+                        break
+                    retries += 1
+                (train_eps if ep_idx < num_episodes else val_eps).append(episode)
+                bar.update()
+    finally:
+        bar.close()
+        env.close()
+
+    train = _to_arrays(train_eps)
+    val = _to_arrays(val_eps)
+    del train_eps, val_eps
+    metadata = {
+        "generator": "qam.data.generate",
+        "ogbench_version": _ogbench_version(),
+        "env_name": env_name,
+        "dataset_type": dataset_type,
+        "oracle": oracle,
+        "seed": seed,
+        "num_episodes": num_episodes,
+        "num_val_episodes": num_val_episodes,
+        "max_episode_steps": steps,
+        "noise": noise,
+        "noise_smoothing": noise_smoothing,
+        "min_norm": min_norm,
+        "p_random_action": p_random_action,
+        "unhealthy_episode_retries": retries,
+        "num_train_steps": int(train["terminals"].shape[0]),
+        "num_val_steps": int(val["terminals"].shape[0]),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "seconds": round(time.time() - started, 3),
+    }
+    tmp_val = _atomic_savez(val_path, val)
+    try:
+        tmp_train = _atomic_savez(train_path, train)
+    except BaseException:
+        os.unlink(tmp_val)
+        raise
+    # Move the validation file first: a present training file implies a complete pair.
+    os.replace(tmp_val, val_path)
+    os.replace(tmp_train, train_path)
+    text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
+    for p in (train_path, val_path):
+        _atomic_write_text(p.removesuffix(".npz") + ".meta.json", text)
+    return GeneratedDataset(
+        train_path=train_path,
+        val_path=val_path,
+        num_train_steps=metadata["num_train_steps"],
+        num_val_steps=metadata["num_val_steps"],
+        metadata=metadata,
+    )
+
+
+def _ogbench_version() -> str:
+    from ._ogbench import ogbench_version
+
+    return ogbench_version()

@@ -1,0 +1,561 @@
+"""Official OGBench dataset files, loaded without ever touching the network."""
+
+import dataclasses
+import datetime
+import glob
+import importlib.metadata
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._compat import import_ogbench
+from ._dataset import Dataset, dataset_from_numpy
+
+
+DEFAULT_DATASET_DIR = "~/.ogbench/data"
+DATASET_DIR_ENV_VARS = ("QAM_DATASET_DIR", "OGBENCH_DATASET_DIR")
+DEFAULT_ACTION_CLIP_EPS = 1e-5
+
+# Domain -> dataset types, following the OGBench dataset list.
+MANIPULATION_DOMAINS: dict[str, tuple[str, ...]] = {
+    **{f"cube-{n}": ("play", "noisy") for n in ("single", "double", "triple", "quadruple")},
+    "cube-octuple": ("play", "noisy"),
+    "scene": ("play", "noisy"),
+    **{f"puzzle-{s}": ("play", "noisy") for s in ("3x3", "4x4", "4x5", "4x6")},
+}
+LOCOMOTION_DOMAINS: dict[str, tuple[str, ...]] = {
+    **{f"pointmaze-{s}": ("navigate", "stitch") for s in ("medium", "large", "giant", "teleport")},
+    **{
+        f"antmaze-{s}": ("navigate", "stitch", "explore")
+        for s in ("medium", "large", "giant", "teleport")
+    },
+    **{
+        f"humanoidmaze-{s}": ("navigate", "stitch")
+        for s in ("medium", "large", "giant", "teleport")
+    },
+    **{f"antsoccer-{s}": ("navigate", "stitch") for s in ("arena", "medium")},
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """An OGBench dataset file is missing. The message names the file, the directory searched
+    and the ways out; `qam` never downloads."""
+
+
+class DatasetFileError(ValueError):
+    """An OGBench dataset file exists but cannot be read (corrupt, truncated, wrong keys)."""
+
+
+class UnknownEnvironmentError(ValueError):
+    """The environment name is not a known OGBench single-task environment."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OGBenchName:
+    """A parsed OGBench single-task name such as `cube-double-play-singletask-task2-v0`.
+
+    - `name`: the full name;
+    - `domain`: e.g. `cube-double` (with a `visual-` prefix where present);
+    - `dataset_type`: e.g. `play`, `noisy`, `navigate`, `stitch`, `explore`;
+    - `env_id`: the gymnasium id of the single-task environment, e.g.
+      `cube-double-singletask-task2-v0`;
+    - `base_env_id`: the goal-conditioned environment id used for generation, e.g.
+      `cube-double-v0`;
+    - `dataset_name`: the file stem, e.g. `cube-double-play-v0`;
+    - `task_id`: the task number, or `None` for the default task;
+    - `is_manipulation`: cube-*, scene-* and puzzle-* (datasets can be generated locally).
+    """
+
+    name: str
+    domain: str
+    dataset_type: str
+    env_id: str
+    base_env_id: str
+    dataset_name: str
+    task_id: int | None
+    is_manipulation: bool
+
+
+def _unknown(name: str, why: str) -> UnknownEnvironmentError:
+    domains = ", ".join(
+        f"{d} ({'/'.join(t)})" for d, t in {**MANIPULATION_DOMAINS, **LOCOMOTION_DOMAINS}.items()
+    )
+    return UnknownEnvironmentError(
+        f"Unknown OGBench environment {name!r}: {why}. Names look like "
+        f"'cube-double-play-singletask-task2-v0' (domain, dataset type, 'singletask', optional "
+        f"'taskN', version; a 'visual-' prefix is allowed). Known domains (dataset types): "
+        f"{domains}."
+    )
+
+
+def parse_env_name(name: str) -> OGBenchName:
+    """Parse an OGBench single-task name; see [`qam.data.OGBenchName`][].
+
+    **Raises:** [`qam.data.UnknownEnvironmentError`][] (listing the known domains and dataset
+    types) for anything that is not a known single-task name.
+    """
+    if not isinstance(name, str) or not name:
+        raise _unknown(str(name), "expected a non-empty string")
+    splits = name.split("-")
+    if "singletask" not in splits:
+        raise _unknown(name, "qam trains single-task agents; the name must contain 'singletask'")
+    pos = splits.index("singletask")
+    if pos < 2 or splits[-1] != "v0":
+        raise _unknown(name, "expected '<domain>-<dataset type>-singletask[-taskN]-v0'")
+    dataset_type = splits[pos - 1]
+    domain = "-".join(splits[: pos - 1])
+    bare = domain.removeprefix("visual-")
+    table = MANIPULATION_DOMAINS if bare in MANIPULATION_DOMAINS else LOCOMOTION_DOMAINS
+    if bare not in table:
+        raise _unknown(name, f"unknown domain {domain!r}")
+    if dataset_type not in table[bare]:
+        raise _unknown(
+            name, f"domain {bare!r} has dataset types {list(table[bare])}, not {dataset_type!r}"
+        )
+    rest = splits[pos + 1 : -1]
+    task_id = None
+    if rest:
+        if len(rest) != 1 or not rest[0].startswith("task") or not rest[0][4:].isdigit():
+            raise _unknown(name, f"unexpected task part {'-'.join(rest)!r}")
+        task_id = int(rest[0][4:])
+        if not 1 <= task_id <= 5:
+            raise _unknown(name, f"task ids are 1..5, got {task_id}")
+    return OGBenchName(
+        name=name,
+        domain=domain,
+        dataset_type=dataset_type,
+        env_id="-".join(splits[: pos - 1] + splits[pos:]),
+        base_env_id=f"{domain}-v0",
+        dataset_name=f"{domain}-{dataset_type}-v0",
+        task_id=task_id,
+        is_manipulation=table is MANIPULATION_DOMAINS,
+    )
+
+
+def default_sparse(env_name: str) -> bool:
+    """The paper's default for the sparse transform: on for scene-* and puzzle-*."""
+    bare = parse_env_name(env_name).domain.removeprefix("visual-")
+    return bare.startswith("scene") or bare.startswith("puzzle")
+
+
+def resolve_dataset_dir(dataset_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """The dataset directory and where it came from.
+
+    Order: the `dataset_dir` argument, then `$QAM_DATASET_DIR`, then `$OGBENCH_DATASET_DIR`,
+    then OGBench's default `~/.ogbench/data`. Returns `(absolute path, source)`.
+    """
+    if dataset_dir is not None:
+        return os.path.abspath(os.path.expanduser(os.fspath(dataset_dir))), "dataset_dir argument"
+    for var in DATASET_DIR_ENV_VARS:
+        value = os.environ.get(var)
+        if value:
+            return os.path.abspath(os.path.expanduser(value)), f"${var}"
+    return os.path.abspath(os.path.expanduser(DEFAULT_DATASET_DIR)), "default"
+
+
+def ogbench_version() -> str:
+    try:
+        return importlib.metadata.version("ogbench")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "not installed"
+
+
+def _generate_command(parsed: OGBenchName, directory: str) -> str:
+    return (
+        f"python -m qam.data.generate --env {parsed.base_env_id} --dataset-type "
+        f"{parsed.dataset_type} --episodes 1000 --dir {directory}"
+    )
+
+
+def _not_found(path: str, parsed: OGBenchName, directory: str, source: str) -> DatasetNotFoundError:
+    files = f"{parsed.dataset_name}.npz and {parsed.dataset_name}-val.npz"
+    lines = [
+        f"OGBench dataset file not found: {path}",
+        f"Directory searched: {directory} (from the {source}; set it with dataset_dir=..., "
+        f"${DATASET_DIR_ENV_VARS[0]} or ${DATASET_DIR_ENV_VARS[1]}; default "
+        f"{DEFAULT_DATASET_DIR}).",
+        "qam never downloads datasets. Ways out:",
+        f"  1. place the official files {files} in {directory} (OGBench's files from "
+        "https://rail.eecs.berkeley.edu/datasets/ogbench/ or its Hugging Face mirror "
+        "zhouzypaul/ogbench_datasets, copied in by hand), or point the dataset directory at "
+        "a copy;",
+    ]
+    if parsed.is_manipulation and not parsed.domain.startswith("visual-"):
+        lines.append(
+            "  2. generate one locally with OGBench's scripted oracles (about 1M transitions "
+            "for 1000 episodes; statistically like, not identical to, the official files):\n"
+            f"     {_generate_command(parsed, directory)}"
+        )
+    elif parsed.is_manipulation:
+        lines.append(
+            "  2. local generation covers state-based manipulation datasets only; pixel "
+            "('visual-') datasets need the official files."
+        )
+    else:
+        lines.append(
+            "  2. locomotion datasets (pointmaze, antmaze, humanoidmaze, antsoccer) need "
+            "OGBench's expert policies, which are not shipped: they cannot be generated "
+            "locally, use the official files."
+        )
+    return DatasetNotFoundError("\n".join(lines))
+
+
+def _file_record(path: str) -> dict[str, Any]:
+    stat = os.stat(path)
+    record: dict[str, Any] = {
+        "path": path,
+        "bytes": stat.st_size,
+        "modified": datetime.datetime.fromtimestamp(stat.st_mtime, datetime.UTC).isoformat(),
+    }
+    sidecar = _sidecar_path(path)
+    if os.path.exists(sidecar):
+        try:
+            with open(sidecar) as f:
+                record["generated"] = json.load(f)
+        except (OSError, ValueError):
+            record["generated"] = "unreadable sidecar"
+    return record
+
+
+def _sidecar_path(npz_path: str) -> str:
+    return npz_path.removesuffix(".npz") + ".meta.json"
+
+
+def _load_file(path: str, parsed: OGBenchName) -> dict[str, np.ndarray]:
+    """`ogbench.load_dataset` (regular format, with qpos/qvel/button_states), with clear
+    errors for corrupt or truncated files."""
+    ogbench = import_ogbench()
+    visual = "visual" in parsed.env_id
+    try:
+        with open(path, "rb") as fh:  # closed even when the file turns out to be corrupt
+            data = ogbench.load_dataset(
+                fh,
+                ob_dtype=np.uint8 if visual else np.float32,
+                action_dtype=np.float32,
+                compact_dataset=False,
+                add_info=True,
+            )
+    except Exception as e:  # zipfile.BadZipFile, zlib.error, EOFError, KeyError, pickle, ...
+        if isinstance(e, KeyError):
+            why = f"missing array {e}; an OGBench file holds observations, actions, terminals"
+        else:
+            why = f"{type(e).__name__}: {e}"
+        raise DatasetFileError(
+            f"Cannot read OGBench dataset file {path}: it looks corrupt or truncated ({why}). "
+            "Delete it and copy the official file in again, or regenerate it."
+        ) from e
+    if "qpos" not in data:
+        raise DatasetFileError(
+            f"OGBench dataset file {path} has no 'qpos' array, which single-task relabelling "
+            "needs; it is not an OGBench dataset file."
+        )
+    if data["observations"].shape[0] == 0:
+        raise DatasetFileError(f"OGBench dataset file {path} holds no transitions.")
+    return data
+
+
+def _relabel(
+    data: dict[str, np.ndarray],
+    parsed: OGBenchName,
+    env: Any,
+    *,
+    sparse: bool,
+    action_clip_eps: float | None,
+) -> dict[str, np.ndarray]:
+    from ogbench.relabel_utils import relabel_dataset
+
+    relabel_dataset(parsed.env_id, env, data)
+    if sparse:
+        data["rewards"] = np.where(data["rewards"] != 0.0, -1.0, 0.0).astype(np.float32)
+    if action_clip_eps is not None:
+        lim = 1.0 - action_clip_eps
+        data["actions"] = np.clip(data["actions"], -lim, lim).astype(np.float32)
+    return data
+
+
+def reward_definition(env_name: str, *, sparse: bool) -> str:
+    """A one-line description of the single-task reward and mask, for run metadata."""
+    parsed = parse_env_name(env_name)
+    bare = parsed.domain.removeprefix("visual-")
+    if parsed.is_manipulation:
+        base = (
+            "OGBench single-task relabelling of the pre-step state: r = #satisfied subtasks - "
+            "#subtasks (<= 0), mask = 1 - all subtasks satisfied"
+        )
+    elif bare.startswith("antsoccer"):
+        base = (
+            "OGBench single-task relabelling: r = success - 1, mask = 1 - success (ball xy "
+            "within goal_tol of the goal)"
+        )
+    else:
+        base = (
+            "OGBench single-task relabelling: r = success - 1, mask = 1 - success (agent xy "
+            "within goal_tol of the goal)"
+        )
+    if sparse:
+        base += "; then sparse: r <- -1 if r != 0 else 0"
+    return base
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What was loaded, for the run record. `to_dict()` gives a JSON-ready dict.
+
+    - `env_name`, `env_id`, `dataset_name`, `dataset_type`, `task_id`: see
+      [`qam.data.OGBenchName`][];
+    - `ogbench_version`: the installed `ogbench` package version;
+    - `reward`: the reward and mask definition (including the sparse transform when used);
+    - `sparse`, `action_clip_eps`: the transforms applied;
+    - `dataset_dir`, `dataset_dir_source`: where files were looked up and why there;
+    - `files`: one record per file read (`path`, `bytes`, `modified`, and `generated` for
+      files written by `qam.data.generate`);
+    - `num_train`, `num_val`: transitions loaded (`num_val = 0` when not loaded);
+    - `shard_index`, `num_shards`: for sharded (100M) datasets, else `None`.
+    """
+
+    env_name: str
+    env_id: str
+    dataset_name: str
+    dataset_type: str
+    task_id: int | None
+    ogbench_version: str
+    reward: str
+    sparse: bool
+    action_clip_eps: float | None
+    dataset_dir: str
+    dataset_dir_source: str
+    files: tuple[dict[str, Any], ...]
+    num_train: int
+    num_val: int
+    shard_index: int | None = None
+    num_shards: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["files"] = [dict(f) for f in self.files]
+        return out
+
+
+class OGBenchData(NamedTuple):
+    """What [`qam.data.load_ogbench`][] returns: the single-task `env` (a gymnasium env, or
+    `None` when `make_env=False`), the `train` and `val` [`qam.data.Dataset`][]s (`val` is
+    `None` when `load_val=False`) and the [`qam.data.DatasetInfo`][] record."""
+
+    env: Any
+    train: Dataset
+    val: Dataset | None
+    info: DatasetInfo
+
+
+def make_env(env_name: str, **env_kwargs: Any) -> Any:
+    """The OGBench single-task gymnasium environment for `env_name` (no dataset, no network).
+
+    E.g. `make_env("cube-double-play-singletask-task2-v0")` makes
+    `cube-double-singletask-task2-v0`, the environment OGBench pairs with that dataset.
+    """
+    import gymnasium
+
+    import_ogbench()  # registers the environments
+
+    parsed = parse_env_name(env_name)
+    if parsed.env_id not in gymnasium.registry:
+        raise _unknown(env_name, f"ogbench {ogbench_version()} does not register {parsed.env_id}")
+    return gymnasium.make(parsed.env_id, **env_kwargs)
+
+
+def _resolve_transforms(
+    env_name: str, sparse: bool | None, action_clip_eps: float | None | str
+) -> tuple[bool, float | None]:
+    if sparse is None:
+        sparse = default_sparse(env_name)
+    if action_clip_eps == "default":
+        action_clip_eps = DEFAULT_ACTION_CLIP_EPS
+    if action_clip_eps is not None and not 0.0 <= float(action_clip_eps) < 1.0:
+        raise ValueError(
+            f"action_clip_eps: expected None or a float in [0, 1), got {action_clip_eps!r}."
+        )
+    return bool(sparse), None if action_clip_eps is None else float(action_clip_eps)
+
+
+def load_ogbench(
+    env_name: str,
+    *,
+    dataset_dir: str | os.PathLike | None = None,
+    sparse: bool | None = None,
+    action_clip_eps: float | None | str = "default",
+    load_val: bool = True,
+    make_env: bool = True,
+) -> OGBenchData:
+    """Load an OGBench single-task dataset from local files; never downloads.
+
+    Reads `<dataset_dir>/<dataset>.npz` (and `<dataset>-val.npz`) with `ogbench.load_dataset`
+    (regular format: `next_observations[i] = observations[i+1]` within a trajectory,
+    `terminals` = 1 on each trajectory's last transition), relabels rewards and masks with
+    OGBench's own single-task relabelling (`ogbench.relabel_utils.relabel_dataset`), then
+    applies the paper's transforms and moves the arrays onto the JAX device.
+
+    **Arguments:**
+
+    - `env_name`: an OGBench single-task name, e.g. `cube-double-play-singletask-task2-v0`,
+      `puzzle-3x3-play-singletask-task1-v0`, `antmaze-large-navigate-singletask-task1-v0`.
+    - `dataset_dir`: the directory holding the files; defaults to `$QAM_DATASET_DIR`, then
+      `$OGBENCH_DATASET_DIR`, then `~/.ogbench/data`.
+    - `sparse`: the paper's sparse transform `r ← −1[r ≠ 0]` (0 on full success, −1
+      otherwise). `None` (default) uses the paper's choice: on for scene-* and puzzle-*.
+    - `action_clip_eps`: clip dataset actions to `±(1 − eps)`; the paper's `1e-5` by default,
+      `None` to disable.
+    - `load_val`: also load the `-val.npz` split.
+    - `make_env`: also return the single-task environment (needed for relabelling anyway).
+
+    **Returns:**
+
+    A [`qam.data.OGBenchData`][] `(env, train, val, info)`.
+
+    **Raises:**
+
+    - [`qam.data.UnknownEnvironmentError`][] for a name that is not a known single-task name.
+    - [`qam.data.DatasetNotFoundError`][] at once when a file is missing, naming it, the
+      directory searched and the ways out (place the official files, or generate them
+      locally for manipulation domains; locomotion needs the official files).
+    - [`qam.data.DatasetFileError`][] for a corrupt or truncated file, naming it.
+    """
+    parsed = parse_env_name(env_name)
+    sparse, action_clip_eps = _resolve_transforms(env_name, sparse, action_clip_eps)
+    directory, source = resolve_dataset_dir(dataset_dir)
+    paths = [os.path.join(directory, f"{parsed.dataset_name}.npz")]
+    if load_val:
+        paths.append(os.path.join(directory, f"{parsed.dataset_name}-val.npz"))
+    for path in paths:
+        if not os.path.isfile(path):
+            raise _not_found(path, parsed, directory, source)
+
+    env = _make_env_for(env_name) if make_env else _relabel_env(env_name)
+    datasets = []
+    for path in paths:
+        raw = _load_file(path, parsed)
+        raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps)
+        datasets.append(dataset_from_numpy(raw, name=os.path.basename(path)))
+        del raw
+    train = datasets[0]
+    val = datasets[1] if load_val else None
+    info = DatasetInfo(
+        env_name=env_name,
+        env_id=parsed.env_id,
+        dataset_name=parsed.dataset_name,
+        dataset_type=parsed.dataset_type,
+        task_id=parsed.task_id,
+        ogbench_version=ogbench_version(),
+        reward=reward_definition(env_name, sparse=sparse),
+        sparse=sparse,
+        action_clip_eps=action_clip_eps,
+        dataset_dir=directory,
+        dataset_dir_source=source,
+        files=tuple(_file_record(p) for p in paths),
+        num_train=train.size,
+        num_val=0 if val is None else val.size,
+    )
+    return OGBenchData(env=env if make_env else None, train=train, val=val, info=info)
+
+
+def _make_env_for(env_name: str) -> Any:
+    return make_env(env_name)
+
+
+_RELABEL_ENVS: dict[str, Any] = {}
+
+
+def _relabel_env(env_name: str) -> Any:
+    """A cached single-task env used only for relabelling (it is reset, never stepped)."""
+    env_id = parse_env_name(env_name).env_id
+    if env_id not in _RELABEL_ENVS:
+        if len(_RELABEL_ENVS) >= 4:
+            _RELABEL_ENVS.pop(next(iter(_RELABEL_ENVS))).close()
+        _RELABEL_ENVS[env_id] = make_env(env_name)
+    return _RELABEL_ENVS[env_id]
+
+
+def list_shards(shard_dir: str | os.PathLike) -> list[str]:
+    """The shard files of a sharded (e.g. 100M-transition) dataset directory: every `*.npz`
+    that is not a `-val.npz`, sorted by name."""
+    directory = os.path.abspath(os.path.expanduser(os.fspath(shard_dir)))
+    files = sorted(glob.glob(os.path.join(directory, "*.npz")))
+    return [f for f in files if not f.endswith("-val.npz")]
+
+
+def iter_ogbench_shards(
+    env_name: str,
+    shard_dir: str | os.PathLike,
+    *,
+    sparse: bool | None = None,
+    action_clip_eps: float | None | str = "default",
+    cycle: bool = False,
+) -> Iterator[tuple[Dataset, DatasetInfo]]:
+    """Stream a sharded OGBench dataset (e.g. the 100M-transition datasets: a directory of
+    `.npz` shard files) one shard at a time, so memory holds one shard.
+
+    Each shard is read with `ogbench.load_dataset`, relabelled for `env_name`'s task and
+    transformed exactly as in [`qam.data.load_ogbench`][]. The next shard is read only when
+    the iterator is advanced; drop the previous [`qam.data.Dataset`][] before advancing to
+    keep a single shard resident.
+
+    **Arguments:**
+
+    - `env_name`: the single-task name the shards belong to, e.g.
+      `cube-quadruple-play-singletask-task1-v0`.
+    - `shard_dir`: the directory of shard files (see [`qam.data.list_shards`][]).
+    - `sparse`, `action_clip_eps`: as in [`qam.data.load_ogbench`][].
+    - `cycle`: restart from the first shard after the last, forever.
+
+    **Yields:** `(dataset, info)` per shard; `info.shard_index` / `info.num_shards` say which.
+
+    **Raises:** [`qam.data.DatasetNotFoundError`][] at once if the directory is missing or
+    holds no shard; [`qam.data.DatasetFileError`][] for a corrupt shard, naming it.
+    """
+    parsed = parse_env_name(env_name)
+    sparse, action_clip_eps = _resolve_transforms(env_name, sparse, action_clip_eps)
+    directory = os.path.abspath(os.path.expanduser(os.fspath(shard_dir)))
+    shards = list_shards(directory) if os.path.isdir(directory) else []
+    if not shards:
+        raise DatasetNotFoundError(
+            f"No OGBench dataset shards (*.npz, excluding *-val.npz) found in {directory}. "
+            "qam never downloads datasets. Place the shard files there by hand (the "
+            "100M-transition datasets are distributed as directories of .npz shards; see "
+            "OGBench's and horizon-reduction's READMEs), or load a single-file dataset with "
+            "qam.data.load_ogbench."
+        )
+    return _shard_iterator(env_name, parsed, shards, directory, sparse, action_clip_eps, cycle)
+
+
+def _shard_iterator(env_name, parsed, shards, directory, sparse, action_clip_eps, cycle):
+    env = _relabel_env(env_name)
+    while True:
+        for i, path in enumerate(shards):
+            raw = _load_file(path, parsed)
+            raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps)
+            dataset = dataset_from_numpy(raw, name=os.path.basename(path))
+            del raw
+            info = DatasetInfo(
+                env_name=env_name,
+                env_id=parsed.env_id,
+                dataset_name=parsed.dataset_name,
+                dataset_type=parsed.dataset_type,
+                task_id=parsed.task_id,
+                ogbench_version=ogbench_version(),
+                reward=reward_definition(env_name, sparse=sparse),
+                sparse=sparse,
+                action_clip_eps=action_clip_eps,
+                dataset_dir=directory,
+                dataset_dir_source="shard_dir argument",
+                files=(_file_record(path),),
+                num_train=dataset.size,
+                num_val=0,
+                shard_index=i,
+                num_shards=len(shards),
+            )
+            yield dataset, info
+            del dataset
+        if not cycle:
+            return

@@ -1,0 +1,141 @@
+"""Flow matching, ODE sampling, the TD loss and the network modules."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import TypeCheckError
+
+import qam
+
+
+def test_flow_matching_loss_zero_for_exact_point_mass_velocity(getkey):
+    # For a point mass at `a` the exact velocity is (a - x) / (1 - t): the loss is exactly 0.
+    a = jnp.array([0.3, -0.7, 0.1])
+    exact = lambda t, x, obs: (a - x) / (1.0 - t)
+    for _ in range(5):
+        assert float(qam.flow_matching_loss(exact, None, a, key=getkey())) < 1e-8
+
+
+def test_flow_matching_loss_hand_computed(getkey):
+    key = getkey()
+    a = jnp.array([0.5, -0.5])
+    zero = lambda t, x, obs: jnp.zeros_like(x)
+    t_key, noise_key = jax.random.split(key)
+    x0 = jax.random.normal(noise_key, (2,))
+    expected = jnp.mean((a - x0) ** 2)  # mean over dims, not sum
+    np.testing.assert_allclose(qam.flow_matching_loss(zero, None, a, key=key), expected, rtol=1e-6)
+
+
+def test_ode_sample_constant_and_linear_fields(getkey):
+    c = jnp.array([0.2, -0.4])
+    z = jax.random.normal(getkey(), (2,))
+    out = qam.ode_sample(lambda t, x, obs: c, None, noise=z, num_steps=7, clip=False)
+    np.testing.assert_allclose(out, z + c, rtol=1e-5)
+    # v = x: K Euler steps multiply by (1 + 1/K)^K.
+    out = qam.ode_sample(lambda t, x, obs: x, None, noise=z, num_steps=4, clip=False)
+    np.testing.assert_allclose(out, z * 1.25**4, rtol=1e-5)
+    clipped = qam.ode_sample(lambda t, x, obs: 10.0 * jnp.ones_like(x), None, noise=z, num_steps=3)
+    np.testing.assert_array_equal(clipped, jnp.ones(2))
+
+
+def test_td_loss_hand_computed():
+    q = jnp.array([1.0, 2.0])
+    next_q = jnp.array([3.0, 5.0])  # mean 4, std 1
+    loss, aux = qam.td_loss(q, jnp.asarray(-1.0), jnp.asarray(0.5), next_q, rho=0.5)
+    # y = -1 + 0.5 * (4 - 0.5 * 1) = 0.75; errors 0.25, 1.25; mean of squares 0.8125.
+    np.testing.assert_allclose(aux.next_value, 3.5)
+    np.testing.assert_allclose(aux.target, 0.75)
+    np.testing.assert_allclose(aux.td_error, [0.25, 1.25])
+    np.testing.assert_allclose(loss, 0.8125)
+    # A chunked 3-step target with a terminal mask: discount = gamma^H * mask = 0.
+    loss, aux = qam.td_loss(q, jnp.asarray(-2.71), jnp.asarray(0.0), next_q, rho=0.5)
+    np.testing.assert_allclose(aux.target, -2.71, rtol=1e-6)
+    np.testing.assert_allclose(loss, ((1 + 2.71) ** 2 + (2 + 2.71) ** 2) / 2, rtol=1e-6)
+
+
+def test_td_loss_gradient_only_into_q_values():
+    q = jnp.array([1.0, 2.0, 0.5])
+    next_q = jnp.array([3.0, 5.0, 4.0])
+    g_q, g_next = jax.grad(
+        lambda a, b: qam.td_loss(a, jnp.asarray(0.1), jnp.asarray(0.9), b)[0], argnums=(0, 1)
+    )(q, next_q)
+    _, aux = qam.td_loss(q, jnp.asarray(0.1), jnp.asarray(0.9), next_q)
+    np.testing.assert_allclose(g_q, 2 * aux.td_error / 3, rtol=1e-6)
+    np.testing.assert_array_equal(g_next, 0.0)
+
+
+def test_td_loss_errors():
+    with pytest.raises((ValueError, TypeCheckError), match="reward"):
+        qam.td_loss(jnp.zeros(2), jnp.zeros(1), jnp.asarray(0.9), jnp.zeros(2))
+
+
+def test_mlp_init_and_structure(getkey):
+    mlp = qam.nn.MLP(10, 3, (64, 32), layer_norm=True, key=getkey())
+    assert [layer.weight.shape for layer in mlp.layers] == [(64, 10), (32, 64), (3, 32)]
+    for layer in mlp.layers:
+        fan_out, fan_in = layer.weight.shape
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        assert float(jnp.max(jnp.abs(layer.weight))) <= limit
+        # Xavier-uniform: the variance is limit^2 / 3.
+        np.testing.assert_allclose(jnp.var(layer.weight), limit**2 / 3, rtol=0.25)
+        np.testing.assert_array_equal(layer.bias, 0.0)
+    assert mlp.norms is not None and len(mlp.norms) == 2
+    # Hand-rolled forward: Linear -> GELU -> LayerNorm per hidden layer, final Linear.
+    x = jax.random.normal(getkey(), (10,))
+    h = x
+    for layer, norm in zip(mlp.layers[:-1], mlp.norms):
+        h = norm(jax.nn.gelu(layer.weight @ h + layer.bias))
+    np.testing.assert_allclose(mlp(x), mlp.layers[-1].weight @ h, rtol=1e-5, atol=1e-6)
+
+
+def test_velocity_network_concatenates_obs_action_time(getkey):
+    net = qam.nn.VelocityNetwork(4, 3, (8,), key=getkey())
+    obs, x, t = jnp.ones(4), jnp.arange(3.0), jnp.asarray(0.25)
+    np.testing.assert_allclose(net(t, x, obs), net.mlp(jnp.concatenate([obs, x, t[None]])))
+    assert net(0.5, x, obs).shape == (3,)
+
+
+def test_critic_ensemble_members_are_independent(getkey):
+    critic = qam.nn.CriticEnsemble(4, 2, (16, 16), num_critics=5, key=getkey())
+    obs, act = jax.random.normal(getkey(), (4,)), jax.random.normal(getkey(), (2,))
+    q = critic(obs, act)
+    assert q.shape == (5,)
+    assert len(np.unique(np.round(np.asarray(q), 6))) == 5
+    for e in range(5):
+        member = jax.tree.map(lambda leaf: leaf[e] if eqx.is_array(leaf) else leaf, critic.members)
+        np.testing.assert_allclose(q[e], member(jnp.concatenate([obs, act]))[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="num_critics"):
+        qam.nn.CriticEnsemble(4, 2, (16,), num_critics=0, key=getkey())
+
+
+def test_tanh_gaussian_log_prob_matches_change_of_variables(getkey):
+    mean = jnp.array([0.1, -0.3, 0.5])
+    log_std = jnp.array([-0.5, 0.0, 0.3])
+    u = jnp.array([0.4, -1.2, 2.0])
+    a = jnp.tanh(u)
+    std = jnp.exp(log_std)
+    gauss = -0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
+    expected = jnp.sum(gauss - jnp.log(1 - a**2))
+    np.testing.assert_allclose(qam.nn.tanh_gaussian_log_prob(u, mean, log_std), expected, rtol=1e-5)
+    # Stable far in the tails, where tanh(u) rounds to +-1 and atanh would be infinite.
+    far = qam.nn.tanh_gaussian_log_prob(jnp.array([30.0]), jnp.array([30.0]), jnp.array([0.0]))
+    assert bool(jnp.isfinite(far))
+    np.testing.assert_allclose(far, -0.5 * np.log(2 * np.pi) - 2 * (np.log(2) - 30.0), rtol=1e-5)
+
+
+def test_tanh_gaussian_policy_sampling_statistics(getkey):
+    policy = qam.nn.TanhGaussianPolicy(3, 2, (16, 16), key=getkey())
+    x = jnp.ones(3)
+    mean, log_std = policy.distribution(x)
+    assert bool(jnp.all((log_std >= -20) & (log_std <= 2)))
+    keys = jax.random.split(getkey(), 20_000)
+    actions, log_probs = jax.vmap(lambda k: policy.sample_and_log_prob(x, key=k))(keys)
+    assert bool(jnp.all(jnp.abs(actions) < 1))
+    # E[atanh(a)] = mean: check the reparameterisation, 4 standard errors.
+    pre = jnp.arctanh(jnp.clip(actions, -1 + 1e-6, 1 - 1e-6))
+    se = jnp.exp(log_std) / np.sqrt(len(keys))
+    assert bool(jnp.all(jnp.abs(jnp.mean(pre, 0) - mean) < 4 * se))
+    assert log_probs.shape == (20_000,)
+    np.testing.assert_allclose(policy.mode(x), jnp.tanh(mean))
