@@ -358,7 +358,7 @@ def _mb(m):
 
 def _gflop(m):
     f = m.get("flops")
-    return "?" if f is None else f"{f / 1e9:.2f}"
+    return "?" if f is None else f"{f / 1e9:.3g}"
 
 
 def table(results: list[dict[str, Any]]) -> str:

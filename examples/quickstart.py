@@ -211,7 +211,7 @@ def print_table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
-    parser.add_argument("--steps", type=int, default=1500, help="adjoint matching steps")
+    parser.add_argument("--steps", type=int, default=800, help="adjoint matching steps")
     parser.add_argument("--flow-steps", type=int, default=3000, help="behaviour-cloning steps")
     parser.add_argument("--samples", type=int, default=4000, help="samples for the table")
     parser.add_argument("--out", default="quickstart.png", help="output PNG path")

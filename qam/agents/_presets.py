@@ -1,0 +1,79 @@
+"""Per-domain settings of the paper's main results (QAM_SPEC §5.2; reference/hyperparameters.md).
+
+Data, not code: `domain_of(env_name)` maps an OGBench task name to its domain, `DOMAINS` holds
+the shared settings and `METHOD_PRESETS` the tuned values of each method per domain.
+"""
+
+import re
+from typing import Any
+
+
+# horizon H, discount, rho, sparse rewards
+DOMAINS: dict[str, dict[str, Any]] = {
+    "humanoidmaze-large-navigate": dict(horizon=1, discount=0.995, rho=0.0, sparse=False),
+    "humanoidmaze-medium-navigate": dict(horizon=1, discount=0.995, rho=0.0, sparse=False),
+    "antmaze-giant-navigate": dict(horizon=1, discount=0.995, rho=0.5, sparse=False),
+    "antmaze-large-navigate": dict(horizon=1, discount=0.99, rho=0.5, sparse=False),
+    "cube-double-play": dict(horizon=5, discount=0.99, rho=0.5, sparse=False),
+    "cube-triple-play": dict(horizon=5, discount=0.99, rho=0.5, sparse=False),
+    "cube-quadruple-play": dict(horizon=5, discount=0.99, rho=0.5, sparse=False),
+    "scene-play": dict(horizon=5, discount=0.99, rho=0.5, sparse=True),
+    "puzzle-3x3-play": dict(horizon=5, discount=0.99, rho=0.5, sparse=True),
+    "puzzle-4x4-play": dict(horizon=5, discount=0.99, rho=0.5, sparse=True),
+}
+
+# (QAM inv_temp), (QAM-EDIT inv_temp, edit_scale), (QAM-FQL inv_temp, fql_alpha)
+METHOD_PRESETS: dict[str, dict[str, dict[str, float]]] = {
+    "qam": {
+        "puzzle-3x3-play": dict(inv_temp=3.0),
+        "scene-play": dict(inv_temp=1.0),
+        "cube-double-play": dict(inv_temp=1.0),
+        "antmaze-large-navigate": dict(inv_temp=10.0),
+        "humanoidmaze-medium-navigate": dict(inv_temp=3.0),
+        "cube-triple-play": dict(inv_temp=3.0),
+        "cube-quadruple-play": dict(inv_temp=1.0),
+        "puzzle-4x4-play": dict(inv_temp=30.0),
+        "antmaze-giant-navigate": dict(inv_temp=3.0),
+        "humanoidmaze-large-navigate": dict(inv_temp=3.0),
+    },
+    "qam-edit": {
+        "puzzle-3x3-play": dict(inv_temp=1.0, edit_scale=0.1),
+        "scene-play": dict(inv_temp=1.0, edit_scale=0.0),
+        "cube-double-play": dict(inv_temp=1.0, edit_scale=0.0),
+        "antmaze-large-navigate": dict(inv_temp=1.0, edit_scale=0.1),
+        "humanoidmaze-medium-navigate": dict(inv_temp=3.0, edit_scale=0.1),
+        "cube-triple-play": dict(inv_temp=3.0, edit_scale=0.1),
+        "cube-quadruple-play": dict(inv_temp=3.0, edit_scale=0.1),
+        "puzzle-4x4-play": dict(inv_temp=0.1, edit_scale=0.9),
+        "antmaze-giant-navigate": dict(inv_temp=10.0, edit_scale=0.1),
+        "humanoidmaze-large-navigate": dict(inv_temp=3.0, edit_scale=0.1),
+    },
+    "qam-fql": {
+        "puzzle-3x3-play": dict(inv_temp=3.0, fql_alpha=0.0),
+        "scene-play": dict(inv_temp=1.0, fql_alpha=300.0),
+        "cube-double-play": dict(inv_temp=1.0, fql_alpha=0.0),
+        "antmaze-large-navigate": dict(inv_temp=3.0, fql_alpha=30.0),
+        "humanoidmaze-medium-navigate": dict(inv_temp=1.0, fql_alpha=30.0),
+        "cube-triple-play": dict(inv_temp=10.0, fql_alpha=300.0),
+        "cube-quadruple-play": dict(inv_temp=0.3, fql_alpha=30.0),
+        "puzzle-4x4-play": dict(inv_temp=3.0, fql_alpha=3.0),
+        "antmaze-giant-navigate": dict(inv_temp=3.0, fql_alpha=30.0),
+        "humanoidmaze-large-navigate": dict(inv_temp=0.3, fql_alpha=30.0),
+    },
+}
+
+_TASK_SUFFIX = re.compile(r"(-singletask)?(-task\d+)?(-v\d+)?$")
+
+
+def domain_of(env_name: str) -> str:
+    """The paper's domain of an OGBench name: `cube-double-play-singletask-task2-v0` ->
+    `cube-double-play`. Raises `ValueError` (listing the known domains) for anything else."""
+    domain = _TASK_SUFFIX.sub("", env_name)
+    domain = domain.replace("-oraclerep", "")
+    for known in DOMAINS:
+        if domain == known or domain.startswith(known + "-"):
+            return known
+    raise ValueError(
+        f"`env_name={env_name!r}` is not in a domain with paper presets; known domains: "
+        f"{', '.join(sorted(DOMAINS))}."
+    )

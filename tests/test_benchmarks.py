@@ -1,0 +1,158 @@
+"""The benchmark harness (`benchmarks/adjoint_step.py`) runs and reports sensibly.
+
+Only the harness is checked (tiny sizes, no timings asserted): the script's `--help`, a `--quick`
+run in a subprocess with its JSON and markdown output, and that the two BPTT baselines compute
+the same loss and gradient as `qam.basic_adjoint`'s definition (same rollout, same loss).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import qam
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "adjoint_step.py")
+
+
+def _run(*args, timeout=120):
+    env = dict(os.environ)
+    # Tiny graphs: skip LLVM's optimisations to keep XLA compile time (most of the run) short.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_help_documents_options():
+    proc = _run("--help")
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--steps", "--batch", "--width", "--repeats", "--out", "--quick", "--platform"):
+        assert option in proc.stdout
+
+
+def test_quick_run_writes_results(tmp_path):
+    out = tmp_path / "adjoint_step_test.json"
+    proc = _run("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for word in ("machine", "device", "jax", "equinox", "qam", "| K |"):
+        assert word in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert data["machine"]["versions"]["qam"] == qam.__version__
+    rows = {r["num_steps"]: r for r in data["results"]}
+    assert set(rows) == {1, 2}
+    assert "n/a" in rows[1]["note"]  # K = 1 is reported, not run
+    row = rows[2]
+    for method in ("am", "bptt", "bptt_fused"):
+        m = row[method]
+        assert m["n"] >= 1 and m["median_s"] > 0 and m["compile_s"] > 0
+        assert m["traces"] == 1  # traced once, reused by every call
+        assert m["traces_during_timed_calls"] == 0
+        assert m["compiles_during_timed_calls"] == 0
+        assert m["peak_estimate_bytes"] is None or m["peak_estimate_bytes"] > 0
+        assert m["flops"] > 0
+
+    md = out.with_suffix(".md").read_text()
+    assert "| K | batch | width | AM ms | BPTT ms | ratio |" in md
+    assert "n/a (K>=2 required)" in md
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # atomic writes
+
+
+def _load_module():
+    import importlib.util
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        spec = importlib.util.spec_from_file_location("adjoint_step_bench", SCRIPT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    return module
+
+
+@pytest.mark.parametrize("num_steps", [2, 3])
+def test_bptt_variants_agree(getkey, num_steps):
+    bench = _load_module()
+    obs_dim, action_dim, batch, hidden = 3, 2, 4, (8, 8)
+    velocity = qam.nn.VelocityNetwork(obs_dim, action_dim, hidden, key=getkey())
+    base = qam.nn.VelocityNetwork(obs_dim, action_dim, hidden, key=getkey())
+    critic = qam.nn.CriticEnsemble(obs_dim, action_dim, hidden, num_critics=3, key=getkey())
+    obs = jax.random.normal(getkey(), (batch, obs_dim))
+    noise = jax.random.normal(getkey(), (batch, num_steps, action_dim))
+    args = (velocity, base, critic, obs, noise)
+    kwargs = {"num_steps": num_steps, "inv_temp": 2.0, "rho": 0.5}
+
+    loss_a, grad_a = eqx.filter_value_and_grad(bench.bam_loss_qam_rollout)(*args, **kwargs)
+    loss_b, grad_b = eqx.filter_value_and_grad(bench.bam_loss_fused)(*args, **kwargs)
+    assert jnp.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(grad_a), jax.tree_util.tree_leaves(grad_b)):
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    # The running-cost term is BAM's: with rho = 0 and inv_temp = 0 only sum_{i<K-1} C_i is left.
+    zero = {"num_steps": num_steps, "inv_temp": 0.0, "rho": 0.0}
+    trajectory = jax.vmap(
+        lambda o, n: qam.memoryless_sde_sample(velocity, base, o, noise=n, num_steps=num_steps)
+    )(obs, noise)
+    h = 1.0 / num_steps
+    expected = 0.0
+    for i in range(num_steps - 1):
+        t = jnp.asarray(i * h)
+        sigma2 = qam.memoryless_sigma(t, h) ** 2
+        diff = jax.vmap(lambda o, x, t=t: velocity(t, x, o) - base(t, x, o))(
+            obs, trajectory.xs[:, i]
+        )
+        expected = expected + jnp.mean(2.0 * jnp.sum(diff**2, axis=-1) / sigma2)
+    assert jnp.allclose(bench.bam_loss_fused(*args, **zero), expected, rtol=1e-5)
+
+
+def test_am_gradient_matches_parts(getkey):
+    bench = _load_module()
+    obs_dim, action_dim, batch, hidden, num_steps = 3, 2, 4, (8, 8), 3
+    velocity = qam.nn.VelocityNetwork(obs_dim, action_dim, hidden, key=getkey())
+    base = qam.nn.VelocityNetwork(obs_dim, action_dim, hidden, key=getkey())
+    critic = qam.nn.CriticEnsemble(obs_dim, action_dim, hidden, num_critics=2, key=getkey())
+    obs = jax.random.normal(getkey(), (batch, obs_dim))
+    noise = jax.random.normal(getkey(), (batch, num_steps, action_dim))
+    counter = {"traces": 0}
+    am = bench.make_am_grad(num_steps, 1.5, counter)
+    loss, grads = am(velocity, base, critic, obs, noise)
+    assert counter["traces"] == 1
+
+    trajectory = jax.vmap(
+        lambda o, n: qam.memoryless_sde_sample(velocity, base, o, noise=n, num_steps=num_steps)
+    )(obs, noise)
+
+    def reward(a):
+        q = jax.vmap(critic)(obs, jnp.clip(a, -1.0, 1.0))
+        return jnp.sum(jnp.mean(q, axis=-1))
+
+    terminal = -1.5 * jax.grad(reward)(trajectory.action)
+    adjoint = jax.vmap(qam.lean_adjoint, in_axes=(None, 0, 0, 0))(base, obs, trajectory, terminal)
+
+    def am_loss(v):
+        per = jax.vmap(qam.adjoint_matching_loss, in_axes=(None, None, 0, 0, 0))(
+            v, base, obs, trajectory, adjoint
+        )
+        return jnp.mean(per)
+
+    expected_loss, expected_grads = eqx.filter_value_and_grad(am_loss)(velocity)
+    assert jnp.allclose(loss, expected_loss, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected_grads)):
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-6)
