@@ -82,7 +82,9 @@ def machine_info(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, Any]:
         "cpus_usable": affinity,
         "memory_gib": _total_memory_gib(),
         "backend": jax.default_backend(),
-        "devices": [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in devices],
+        "devices": [
+            f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in devices
+        ],
         "versions": package_versions(packages),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "argv": [os.path.basename(sys.executable), *sys.argv],

@@ -7,10 +7,11 @@ What is measured, per configuration (flow steps K, batch B, network width W):
   `jax.vmap(qam.lean_adjoint)`, then `eqx.filter_value_and_grad` of the batch mean of
   `jax.vmap(qam.adjoint_matching_loss)` with respect to the fine velocity.
 - **BPTT** (BAM's gradient, QAM_SPEC §2): the loss
-  `-inv_temp * mean_b[mean_e Q_e - rho std_e Q_e](X_K) + mean_b sum_{i<K-1} 2||v - v_B||^2/sigma_i^2`
-  differentiated through the rollout of `qam.memoryless_sde_sample` with the noise held fixed
-  (the base velocity's parameters stop-gradiented). The running cost is evaluated after the
-  rollout, so the fine velocity runs twice on the rollout states.
+  `-inv_temp * mean_b[mean_e Q_e - rho std_e Q_e](X_K) + mean_b sum_{i<K-1} C_i`, with
+  `C_i = 2 ||v(t_i, X_i) - v_B(t_i, X_i)||^2 / sigma_i^2`, differentiated through the rollout
+  of `qam.memoryless_sde_sample` with the noise held fixed (the base velocity's parameters
+  stop-gradiented). The running cost is evaluated after the rollout, so the fine velocity runs
+  twice on the rollout states.
 - **BPTT-fused** (`--bptt both`, the default): the same loss and gradient computed by a
   hand-written scan that evaluates each network once per step, as BAM's reference code does;
   the strongest BPTT baseline. Both BPTT variants give the same gradient (checked by the tests).
@@ -198,9 +199,7 @@ def make_bptt_grad(loss_fn, num_steps: int, inv_temp: float, rho: float, counter
 
     def bptt_grad(velocity, base, critic, obs, noise):
         counter["traces"] += 1
-        loss = functools.partial(
-            loss_fn, num_steps=num_steps, inv_temp=inv_temp, rho=rho
-        )
+        loss = functools.partial(loss_fn, num_steps=num_steps, inv_temp=inv_temp, rho=rho)
         return eqx.filter_value_and_grad(loss)(velocity, base, critic, obs, noise)
 
     return bptt_grad
@@ -380,9 +379,11 @@ def table(results: list[dict[str, Any]]) -> str:
         am = r["am"]
         ref = r["bptt"] if has_bptt and "bptt" in r else r["bptt_fused"]
         row = [bold(k), b, w, _ms(am)]
-        row += [_ms(r["bptt"]), bold(f"{am['median_s'] / r['bptt']['median_s']:.2f}")] if (
-            "bptt" in r
-        ) else ["", ""]
+        row += (
+            [_ms(r["bptt"]), bold(f"{am['median_s'] / r['bptt']['median_s']:.2f}")]
+            if ("bptt" in r)
+            else ["", ""]
+        )
         if fused:
             bf = r["bptt_fused"]
             row += [_ms(bf), bold(f"{am['median_s'] / bf['median_s']:.2f}")]
@@ -391,7 +392,12 @@ def table(results: list[dict[str, Any]]) -> str:
         measured = [am] + [r[x] for x in ("bptt", "bptt_fused") if x in r]
         row += [
             "/".join(str(m["traces"]) for m in measured),
-            str(sum(m["compiles_during_timed_calls"] + m["traces_during_timed_calls"] for m in measured)),
+            str(
+                sum(
+                    m["compiles_during_timed_calls"] + m["traces_during_timed_calls"]
+                    for m in measured
+                )
+            ),
         ]
         rows.append(row)
     return _common.markdown_table(headers, rows)
@@ -427,16 +433,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=None,
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
         help="flow steps K (K=1 is reported as n/a: the scheme needs K >= 2) "
         "(default: 1 2 5 10 20 50; with --quick: 1 2)",
     )
     parser.add_argument(
-        "--batch", type=int, nargs="+", default=None,
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
         help="batch sizes (default: 256 4096; with --quick: 8)",
     )
     parser.add_argument(
-        "--width", type=int, nargs="+", default=None,
+        "--width",
+        type=int,
+        nargs="+",
+        default=None,
         help="hidden width of every network (default: 256 512; with --quick: 16)",
     )
     parser.add_argument("--depth", type=int, default=4, help="hidden layers per network")
@@ -445,13 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--action-dim", type=int, default=25, help="flat action (chunk) size D, e.g. 5 x 5"
     )
     parser.add_argument(
-        "--num-critics", type=int, default=None,
+        "--num-critics",
+        type=int,
+        default=None,
         help="critic ensemble size E (default: 10; with --quick: 2)",
     )
     parser.add_argument("--inv-temp", type=float, default=1.0, help="inverse temperature lambda")
     parser.add_argument("--rho", type=float, default=0.5, help="BAM pessimism rho (std weight)")
     parser.add_argument(
-        "--bptt", choices=["qam", "fused", "both"], default="both",
+        "--bptt",
+        choices=["qam", "fused", "both"],
+        default="both",
         help="BPTT baseline: through qam.memoryless_sde_sample with the running cost evaluated "
         "afterwards ('qam'), a one-scan rollout evaluating each network once per step "
         "('fused'), or both",
@@ -463,31 +482,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-repeats", type=int, default=3, help="minimum timed calls, even over the budget"
     )
     parser.add_argument(
-        "--max-seconds-per-config", type=float, default=20.0,
+        "--max-seconds-per-config",
+        type=float,
+        default=20.0,
         help="stop repeating a function once its timed calls took this long (after "
         "--min-repeats); keeps the large CPU configurations affordable",
     )
     parser.add_argument(
-        "--breakdown", action="store_true",
+        "--breakdown",
+        action="store_true",
         help="also time the AM parts (rollout, critic gradient, lean adjoint, loss gradient, "
         "loss forward) and the BPTT forward pass, each jitted on its own",
     )
     parser.add_argument(
-        "--breakdown-only-target", action="store_true",
+        "--breakdown-only-target",
+        action="store_true",
         help="with --breakdown, break down only K=10, batch 256, width 512 (if in the grid)",
     )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for weights and inputs")
     parser.add_argument(
-        "--platform", choices=["cpu", "gpu", "cuda", "rocm", "tpu"], default=None,
+        "--platform",
+        choices=["cpu", "gpu", "cuda", "rocm", "tpu"],
+        default=None,
         help="force a JAX platform (default: JAX's choice, a GPU if there is one)",
     )
     parser.add_argument(
-        "--out", default=None,
+        "--out",
+        default=None,
         help="output JSON path; the markdown table goes next to it with .md "
         "(default: benchmarks/results/adjoint_step_<device>.json)",
     )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="tiny smoke-test sizes (K 1 2, batch 8, width 16, 2 critics, at most 2 repeats) "
         "for the tests; explicit --steps/--batch/--width/--num-critics still win",
     )
@@ -525,8 +552,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
 
     def save():
-        payload = {"benchmark": "adjoint_step", "machine": info, "config": config,
-                   "results": results}
+        payload = {
+            "benchmark": "adjoint_step",
+            "machine": info,
+            "config": config,
+            "results": results,
+        }
         _common.write_json_atomic(out, payload)
         md = [
             "# adjoint_step benchmark",

@@ -212,7 +212,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     parser.add_argument("--steps", type=int, default=800, help="adjoint matching steps")
-    parser.add_argument("--flow-steps", type=int, default=3000, help="behaviour-cloning steps")
+    parser.add_argument("--bc-steps", type=int, default=3000, help="behaviour-cloning steps")
     parser.add_argument("--samples", type=int, default=4000, help="samples for the table")
     parser.add_argument("--out", default="quickstart.png", help="output PNG path")
     args = parser.parse_args(argv)
@@ -220,8 +220,8 @@ def main(argv=None):
     data_key, flow_key, am_key, sample_key = jax.random.split(jax.random.PRNGKey(args.seed), 4)
 
     behaviour = sample_behaviour(data_key, 20_000)  # step 1
-    base, flow_losses = fit_behaviour_flow(behaviour, steps=args.flow_steps, key=flow_key)
-    print(f"flow matching:    {args.flow_steps} steps, final loss {flow_losses[-100:].mean():.4f}")
+    base, flow_losses = fit_behaviour_flow(behaviour, steps=args.bc_steps, key=flow_key)
+    print(f"flow matching:    {args.bc_steps} steps, final loss {flow_losses[-100:].mean():.4f}")
     fine, am_losses = adjoint_matching(base, steps=args.steps, key=am_key)
     print(f"adjoint matching: {args.steps} steps, loss {am_losses[:100].mean():.3f} "
           f"-> {am_losses[-100:].mean():.3f}")  # fmt: skip

@@ -8,6 +8,7 @@ import jax
 import optax
 
 
+_ADAM = optax.adam
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
@@ -24,7 +25,7 @@ def _adam_with_standard_promotion(learning_rate):
     """optax's Adam mixes a Python float with its int32 step count, which strict dtype promotion
     rejects inside optax; relax the promotion for the optimiser update only, so the rest of the
     example still runs under the suite's strict mode."""
-    inner = optax.adam(learning_rate)
+    inner = _ADAM(learning_rate)
 
     def update(updates, state, params=None):
         with jax.numpy_dtype_promotion("standard"):
@@ -37,7 +38,7 @@ def test_quickstart_tilts_toward_favoured_mode(tmp_path, monkeypatch):
     quickstart = _load_quickstart()
     monkeypatch.setattr(optax, "adam", _adam_with_standard_promotion)
     out = tmp_path / "quickstart.png"
-    argv = ["--seed", "0", "--flow-steps", "1500", "--steps", "300", "--samples", "2000"]
+    argv = ["--seed", "0", "--bc-steps", "1500", "--steps", "300", "--samples", "2000"]
     results = quickstart.main([*argv, "--out", str(out)])
 
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

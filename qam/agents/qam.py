@@ -85,7 +85,9 @@ class QAMConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"`QAMConfig({name}=...)` must be {expected}; got {getattr(self, name)!r}.")
+                raise ValueError(
+                    f"`QAMConfig({name}=...)` must be {expected}; got {getattr(self, name)!r}."
+                )
         if self.fql_alpha > 0 and self.edit_scale > 0:
             raise ValueError(
                 "`QAMConfig(fql_alpha=..., edit_scale=...)`: QAM-FQL and QAM-EDIT are exclusive; "
@@ -139,7 +141,12 @@ class _Trainable(eqx.Module):
 
 def _trainable(state: QAMState) -> _Trainable:
     return _Trainable(
-        state.critic, state.actor_slow, state.actor_fast, state.one_step, state.edit, state.log_alpha
+        state.critic,
+        state.actor_slow,
+        state.actor_fast,
+        state.one_step,
+        state.edit,
+        state.log_alpha,
     )
 
 
@@ -168,7 +175,9 @@ def init(
     )
     actor_slow, actor_fast = flow(keys[1]), flow(keys[2])  # actor_fast: random, not a copy
     one_step = (
-        MLP(obs_dim + dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm, key=keys[3])
+        MLP(
+            obs_dim + dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm, key=keys[3]
+        )
         if config.fql_alpha > 0
         else None
     )
@@ -228,7 +237,9 @@ def _sample_one(state: QAMState, obs: Array, key: PRNGKeyArray) -> Array:
     return action
 
 
-def act(state: QAMState, obs: Float[Array, " obs"], *, key: PRNGKeyArray) -> Float[Array, " action"]:
+def act(
+    state: QAMState, obs: Float[Array, " obs"], *, key: PRNGKeyArray
+) -> Float[Array, " action"]:
     """The deployed policy for one observation: the flattened action chunk in `[-1, 1]^D`
     (reshape to `(horizon, action_dim)` and execute open-loop). Uses stored parameters only."""
     state = stop_gradient_tree(state)
@@ -272,7 +283,9 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
     base = state.target_actor_slow if config.target_actor else state.actor_slow
     base = stop_gradient_tree(base)
     fast_stored = stop_gradient_tree(state.actor_fast)
-    reward_critic = stop_gradient_tree(state.target_critic if config.use_target_grad else state.critic)
+    reward_critic = stop_gradient_tree(
+        state.target_critic if config.use_target_grad else state.critic
+    )
 
     def am_one(o, k):
         traj = memoryless_sde_sample(
@@ -315,7 +328,9 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
         else:
             assert params.edit is not None and params.log_alpha is not None
             edited, log_prob = jax.vmap(
-                lambda o, a, k: _edit_actions(params.edit, o, a, edit_scale=config.edit_scale, key=k)
+                lambda o, a, k: _edit_actions(
+                    params.edit, o, a, edit_scale=config.edit_scale, key=k
+                )
             )(obs, flow_actions, jax.random.split(keys[4], batch_size))
             loss_edit_q = -jnp.mean(jax.vmap(critic_stored)(obs, edited))
             alpha_stored = jnp.exp(jax.lax.stop_gradient(params.log_alpha))

@@ -1,0 +1,245 @@
+"""Train a QAM-family agent on an OGBench task, offline then online.
+
+With no arguments it runs a small embedded default that finishes on a 2-core CPU in minutes:
+it generates (once, then reuses) a small cube-double dataset with OGBench's scripted oracles,
+trains a small QAM-EDIT offline then online, evaluates it and the behaviour-cloning flow, and
+writes logs (CSV, JSONL), checkpoints, a learning-curve PNG and a summary to `--out`.
+
+Every paper setting is one flag away:
+
+    python examples/offline_to_online.py --env cube-triple-play-singletask-task2-v0 \\
+        --agent qam-edit --preset paper --seeds 0 1 2 3
+
+Rerunning with the same `--out` resumes from the last checkpoint.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+
+from qam import data as qd
+from qam.agents import QAMConfig, domain_of
+from qam.train import AGENTS, RunConfig, Trainer
+
+
+DEFAULT_ENV = "cube-double-play-singletask-task1-v0"
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "qam", "datasets")
+
+# The CPU demo: small networks, a short run; the paper's values are `--preset paper`.
+SMALL = dict(
+    actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10,
+)  # fmt: skip
+SMALL_RUN = dict(
+    offline_steps=3_000, online_steps=2_000, eval_episodes=5, eval_interval=1_000,
+    log_interval=250, batch_size=128, start_training=250, checkpoint_interval=1_000,
+    max_episode_steps=None,
+)  # fmt: skip
+PAPER_RUN = dict(
+    offline_steps=1_000_000, online_steps=500_000, eval_episodes=50, eval_interval=50_000,
+    log_interval=1_000, batch_size=256, start_training=5_000, checkpoint_interval=50_000,
+)  # fmt: skip
+DEMO_DATA = dict(episodes=60, max_episode_steps=250)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--env", default=DEFAULT_ENV,
+                   help=f"OGBench single-task name (default: {DEFAULT_ENV}).")
+    p.add_argument("--agent", default="qam-edit", choices=sorted(AGENTS),
+                   help="method to train (default: qam-edit).")
+    p.add_argument("--preset", default="small", choices=["small", "paper"],
+                   help="`paper`: the paper's full configuration for the env's domain (4x512 "
+                        "networks, 10 critics, 1M+500K steps); `small`: a CPU-sized run "
+                        "(default).")  # fmt: skip
+    p.add_argument("--dataset-dir", default=None,
+                   help="where <dataset>.npz lives (default: $QAM_DATASET_DIR, "
+                        "$OGBENCH_DATASET_DIR, ~/.ogbench/data; for the embedded default a "
+                        f"generated dataset in {DEFAULT_CACHE}).")  # fmt: skip
+    p.add_argument("--offline-steps", type=int, help="offline gradient steps.")
+    p.add_argument("--online-steps", type=int, help="online environment steps.")
+    p.add_argument("--eval-episodes", type=int, help="evaluation episodes per seed.")
+    p.add_argument("--eval-interval", type=int, help="steps between evaluations.")
+    p.add_argument("--log-interval", type=int,
+                   help="steps between log rows (= offline updates per jitted call).")
+    p.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints.")
+    p.add_argument("--batch-size", type=int, help="batch size.")
+    p.add_argument("--start-training", type=int, help="online steps before updates start.")
+    p.add_argument("--utd", type=int, default=1, help="updates per online env step.")
+    p.add_argument("--buffer-size", type=int, default=1_000_000, help="replay capacity.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds trained together in one program (vmapped).")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<env>/<agent>).")
+    p.add_argument("--sparse", choices=["auto", "yes", "no"], default="auto",
+                   help="the paper's sparse reward transform (auto: on for scene and puzzle).")
+    p.add_argument("--max-episode-steps", type=int, default=None,
+                   help="cap episode length (online and evaluation).")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard.")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases.")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar.")
+    hyper = p.add_argument_group("agent hyperparameters (override the preset)")
+    for field in dataclasses.fields(QAMConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            hyper.add_argument(flag, type=_parse_bool, metavar="{true,false}")
+        elif "tuple" in str(field.type):
+            hyper.add_argument(flag, type=int, nargs="+")
+        elif "None" in str(field.type):
+            hyper.add_argument(flag, type=float)
+        else:
+            hyper.add_argument(flag, type=field.type)
+    return p
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_configs(args: argparse.Namespace) -> tuple[RunConfig, QAMConfig]:
+    """The run and agent configurations from parsed arguments; raises `ValueError` with a
+    clear message for anything impossible, before any work starts."""
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(QAMConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    for name in ("actor_hidden", "critic_hidden"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
+    try:
+        domain_of(args.env)
+        base = {}
+    except ValueError:
+        if args.preset == "paper":
+            raise
+        base = {}
+    if args.preset == "paper":
+        agent_config = QAMConfig.paper(args.agent, args.env, **overrides)
+    else:
+        variant = {"qam": {}, "qam-fql": dict(fql_alpha=30.0), "qam-edit": dict(edit_scale=0.1)}
+        small = dict(SMALL, inv_temp=1.0, **variant[args.agent], **base)
+        small.update(overrides)
+        agent_config = QAMConfig(**small)
+    run_defaults = PAPER_RUN if args.preset == "paper" else SMALL_RUN
+    run_kwargs = dict(run_defaults)
+    for name, value in [
+        ("offline_steps", args.offline_steps), ("online_steps", args.online_steps),
+        ("eval_episodes", args.eval_episodes), ("eval_interval", args.eval_interval),
+        ("log_interval", args.log_interval), ("checkpoint_interval", args.checkpoint_interval),
+        ("batch_size", args.batch_size), ("start_training", args.start_training),
+        ("max_episode_steps", args.max_episode_steps),
+    ]:  # fmt: skip
+        if value is not None:
+            run_kwargs[name] = value
+    out = args.out or os.path.join("runs", args.env, args.agent)
+    sparse = {"auto": None, "yes": True, "no": False}[args.sparse]
+    run = RunConfig(
+        env_name=args.env, agent=args.agent, seeds=tuple(args.seeds), out_dir=out,
+        dataset_dir=args.dataset_dir, utd_ratio=args.utd, buffer_size=args.buffer_size,
+        sparse=sparse, **run_kwargs,
+    )  # fmt: skip
+    return run, agent_config
+
+
+def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
+    """For the embedded default (no `--dataset-dir`, default env, no official file), generate
+    a small dataset once into the cache and reuse it."""
+    if args.dataset_dir is not None or args.env != DEFAULT_ENV:
+        return args.dataset_dir
+    parsed = qd.parse_env_name(args.env)
+    official_dir, _ = qd.resolve_dataset_dir(None)
+    if os.path.exists(os.path.join(official_dir, parsed.dataset_name + ".npz")):
+        return None
+    path = os.path.join(DEFAULT_CACHE, parsed.dataset_name + ".npz")
+    if not os.path.exists(path):
+        print(f"Generating a small {parsed.dataset_name} dataset into {DEFAULT_CACHE} "
+              "(once; reused afterwards) ...")  # fmt: skip
+        qd.generate_dataset(
+            "cube-double-v0", "play", num_episodes=DEMO_DATA["episodes"], out_dir=DEFAULT_CACHE,
+            seed=0, max_episode_steps=DEMO_DATA["max_episode_steps"],
+        )  # fmt: skip
+    return DEFAULT_CACHE
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    try:
+        dataset_dir = ensure_demo_dataset(args)
+        args.dataset_dir = dataset_dir
+        run, agent_config = build_configs(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    from qam import logging as qlog
+
+    os.makedirs(run.out_dir, exist_ok=True)
+    resume_step = _checkpoint_step(run.out_dir)
+    start = time.time()
+    config_record = {"run": dataclasses.asdict(run), "agent": dataclasses.asdict(agent_config)}
+    with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=args.tensorboard,
+                     wandb=args.wandb, config=config_record) as logger:  # fmt: skip
+        total = run.offline_steps + run.online_steps
+        bar = qlog.ProgressBar(total=total, initial=resume_step or 0, disable=args.no_progress)
+        last = [resume_step or 0]
+
+        def progress(step, info):
+            bar.update(step - last[0], **_postfix(info))
+            last[0] = step
+
+        trainer = Trainer(
+            run, agent_config, log=lambda s, m, prefix: logger.log(s, m, prefix=prefix),
+            progress=progress,
+        )  # fmt: skip
+        _write_json(os.path.join(run.out_dir, "dataset.json"), trainer.data.info.to_dict())
+        _write_json(os.path.join(run.out_dir, "config.json"), config_record)
+        if resume_step:
+            print(f"Resuming from step {resume_step} in {run.out_dir}")
+        result = trainer.train()
+        bar.close()
+    plot = os.path.join(run.out_dir, "learning_curve.png")
+    qlog.plot_learning_curve(os.path.join(run.out_dir, "eval.csv"), plot, task=run.env_name,
+                             method=run.agent, offline_steps=run.offline_steps)  # fmt: skip
+    text = qlog.summary(
+        run.out_dir, task=run.env_name, method=run.agent, seeds=list(run.seeds),
+        evals=result["evals"], bc_success=result["bc"], offline_steps=run.offline_steps,
+        online_steps=run.online_steps, wall_time=time.time() - start,
+    )  # fmt: skip
+    print(text)
+    return result
+
+
+def _postfix(info: dict) -> dict:
+    out = {}
+    if "success" in info:
+        out["success"] = float(jax.numpy.mean(info["success"]))
+    if "critic_loss" in info:
+        out["critic"] = float(jax.numpy.mean(info["critic_loss"]))
+    return out
+
+
+def _checkpoint_step(out_dir: str) -> int | None:
+    latest = os.path.join(out_dir, "checkpoints", "latest.json")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        return int(json.load(f)["step"])
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

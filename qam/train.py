@@ -1,0 +1,408 @@
+"""Offline-to-online training: jitted offline loops, open-loop chunked online interaction,
+evaluation, several seeds in one program, atomic checkpoints and exact resume.
+
+Seeds are batched: every agent state and replay buffer carries a leading seed axis and `update`
+runs under `eqx.filter_vmap`; each seed has its own environment. All randomness is derived from
+`(seed, step)`, environments are reset with seeds derived from `(seed, episode index)`, and an
+online checkpoint records how far into its episode each environment is, so a resumed run rebuilds
+the environment by replaying that episode's stored actions and ends exactly as an uninterrupted
+run would (bit-identical on CPU).
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import data as qd
+from .agents import qam as qam_agent
+from .agents._common import ChunkBatch
+
+
+AGENTS: dict[str, Any] = {"qam": qam_agent, "qam-fql": qam_agent, "qam-edit": qam_agent}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to run; the agent's hyperparameters live in its own config."""
+
+    env_name: str
+    agent: str = "qam-edit"
+    offline_steps: int = 1_000_000
+    online_steps: int = 500_000
+    eval_episodes: int = 50
+    eval_interval: int = 50_000
+    log_interval: int = 1_000  # also the number of offline updates per jitted call
+    seeds: tuple[int, ...] = (0,)
+    out_dir: str = "runs/default"
+    dataset_dir: str | None = None
+    batch_size: int = 256
+    start_training: int = 5_000  # online env steps before updates start
+    utd_ratio: int = 1
+    buffer_size: int = 1_000_000
+    checkpoint_interval: int = 50_000
+    sparse: bool | None = None  # None: the paper's default for the domain
+    max_episode_steps: int | None = None  # None: the environment's own limit
+
+    def __post_init__(self):
+        if self.agent not in AGENTS:
+            raise ValueError(f"`agent={self.agent!r}` is not one of {', '.join(AGENTS)}.")
+        for name in ("offline_steps", "online_steps", "start_training"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}.")
+        for name in ("eval_episodes", "eval_interval", "log_interval", "batch_size", "utd_ratio",
+                     "buffer_size", "checkpoint_interval"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"`seeds` must be distinct and non-empty; got {self.seeds}.")
+        for name in ("eval_interval", "checkpoint_interval"):
+            if getattr(self, name) % self.log_interval:
+                raise ValueError(
+                    f"`{name}` ({getattr(self, name)}) must be a multiple of `log_interval` "
+                    f"({self.log_interval}), the number of offline updates per jitted call."
+                )
+
+
+def _seed_key(seed: int, step: int, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), step)
+
+
+def _keys(seeds: tuple[int, ...], step: int, stream: int) -> jax.Array:
+    return jnp.stack([_seed_key(s, step, stream) for s in seeds])
+
+
+def _to_host(tree: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in tree.items()}
+
+
+def bc_policy(state: Any) -> Any:
+    """The behaviour-cloning flow of a QAM-family state as a deployable policy (`inv_temp=0`:
+    act with the Euler ODE of `actor_slow`, no edit, no one-step policy)."""
+    config = dataclasses.replace(state.config, inv_temp=0.0, edit_scale=0.0, fql_alpha=0.0)
+    return dataclasses.replace(state, config=config)
+
+
+class Trainer:
+    """Runs one `RunConfig` with an agent config; see `examples/offline_to_online.py`."""
+
+    def __init__(self, run: RunConfig, agent_config: Any, *, log: Callable[[int, dict, str], None],
+                 progress: Callable[[int, dict], None] | None = None):  # fmt: skip
+        self.run = run
+        self.config = agent_config
+        self.agent = AGENTS[run.agent]
+        self.log = log
+        self.progress = progress or (lambda step, info: None)
+        sparse = run.sparse
+        self.data = qd.load_ogbench(
+            run.env_name, dataset_dir=run.dataset_dir, sparse=sparse, load_val=False
+        )
+        self.dataset = self.data.train
+        if self.dataset.size < agent_config.horizon:
+            raise ValueError(
+                f"the dataset has {self.dataset.size} transitions, fewer than the action chunk "
+                f"length `horizon={agent_config.horizon}`."
+            )
+        self.sparse = self.data.info.to_dict().get("sparse", False)
+        self.action_dim = self.dataset.action_dim
+        self.num_seeds = len(run.seeds)
+        obs_example = self.dataset.observations[0].astype(jnp.float32)
+        action_example = jnp.zeros((self.action_dim,), jnp.float32)
+        self.states = eqx.filter_vmap(
+            lambda k: self.agent.init(k, obs_example, action_example, agent_config)
+        )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds]))
+        self._build_functions()
+
+    # ----------------------------------------------------------------- compiled functions
+    def _build_functions(self):
+        agent, config, run = self.agent, self.config, self.run
+        horizon, discount, batch_size = config.horizon, config.discount, run.batch_size
+
+        def offline_one(state, key, dataset, num_updates):
+            def body(state, k):
+                sample_key, update_key = jax.random.split(k)
+                batch = qd.sample_sequence(
+                    dataset, sample_key, batch_size, horizon=horizon, discount=discount
+                )
+                return agent.update(state, ChunkBatch(*batch), key=update_key)
+
+            state, metrics = jax.lax.scan(body, state, jax.random.split(key, num_updates))
+            return state, jax.tree.map(lambda m: m[-1], metrics)
+
+        @eqx.filter_jit
+        def offline_chunk(states, keys, dataset, num_updates):
+            return eqx.filter_vmap(
+                lambda s, k: offline_one(s, k, dataset, num_updates), in_axes=(0, 0)
+            )(states, keys)
+
+        self._offline_chunk = offline_chunk
+
+        @eqx.filter_jit
+        def act_all(states, obs, keys):
+            return eqx.filter_vmap(lambda s, o, k: agent.act(s, o, key=k))(states, obs, keys)
+
+        self._act_all = act_all
+
+        @eqx.filter_jit
+        def online_step(states, buffers, transitions, keys, train):
+            buffers = eqx.filter_vmap(qd.add_transition)(buffers, transitions)
+
+            def one(state, buffer, key):
+                def body(state, k):
+                    sample_key, update_key = jax.random.split(k)
+                    batch = qd.sample_sequence(
+                        buffer, sample_key, batch_size, horizon=horizon, discount=discount
+                    )
+                    return agent.update(state, ChunkBatch(*batch), key=update_key)
+
+                new_state, metrics = jax.lax.scan(body, state, jax.random.split(key, run.utd_ratio))
+                return new_state, jax.tree.map(lambda m: m[-1], metrics)
+
+            new_states, metrics = eqx.filter_vmap(one)(states, buffers, keys)
+            states = jax.lax.cond(train, lambda: new_states, lambda: states)
+            return states, buffers, metrics
+
+        self._online_step = online_step
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self, states: Any, step: int, *, bc: bool = False) -> dict[str, np.ndarray]:
+        """`eval_episodes` episodes per seed with the deployed policy (chunks open-loop).
+        Returns per-seed `success` and `return` arrays."""
+        run = self.run
+        policy_states = eqx.filter_vmap(bc_policy)(states) if bc else states
+        envs = self._eval_envs()
+        successes = np.zeros((self.num_seeds, run.eval_episodes))
+        returns = np.zeros((self.num_seeds, run.eval_episodes))
+        stream = 3 if bc else 2
+        for episode in range(run.eval_episodes):
+            obs = np.stack([
+                env.reset(seed=_episode_seed(s, 10_000_000 + episode))[0]
+                for s, env in zip(run.seeds, envs)
+            ])  # fmt: skip
+            done = np.zeros(self.num_seeds, bool)
+            queues: list[list[np.ndarray]] = [[] for _ in envs]
+            t = 0
+            while not done.all():
+                if any(not q for q, d in zip(queues, done) if not d):
+                    keys = _keys(run.seeds, step * 100_000 + episode * 10_000 + t, stream)
+                    chunks = np.asarray(self._act_all(policy_states, jnp.asarray(obs), keys))
+                    for i, q in enumerate(queues):
+                        if not q:
+                            q.extend(chunks[i].reshape(-1, self.action_dim))
+                for i, env in enumerate(envs):
+                    if done[i]:
+                        continue
+                    o, r, terminated, truncated, info = env.step(queues[i].pop(0))
+                    obs[i] = o
+                    returns[i, episode] += r
+                    if terminated or truncated or self._truncate(t + 1):
+                        done[i] = True
+                        successes[i, episode] = float(info.get("success", 0.0))
+                t += 1
+        return {"success": successes.mean(1), "return": returns.mean(1)}
+
+    def _truncate(self, t: int) -> bool:
+        return self.run.max_episode_steps is not None and t >= self.run.max_episode_steps
+
+    def _eval_envs(self):
+        if not hasattr(self, "_eval_env_list"):
+            self._eval_env_list = [qd.make_env(self.run.env_name) for _ in self.run.seeds]
+        return self._eval_env_list
+
+    # ----------------------------------------------------------------- checkpoints
+    def _checkpoint_paths(self) -> tuple[str, str]:
+        directory = os.path.join(self.run.out_dir, "checkpoints")
+        return directory, os.path.join(directory, "latest.json")
+
+    def save_checkpoint(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
+        """Write `ckpt-<step>.eqx` (agent states, replay buffers) then `latest.json` pointing
+        at it, each atomically; older checkpoint files are removed afterwards."""
+        directory, latest = self._checkpoint_paths()
+        os.makedirs(directory, exist_ok=True)
+        name = f"ckpt-{step:09d}.eqx"
+        tmp = os.path.join(directory, name + ".tmp")
+        with open(tmp, "wb") as f:
+            eqx.tree_serialise_leaves(f, (self.states, buffers))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, name))
+        _atomic_json(latest, dict(meta, step=step, file=name, phase_buffers=buffers is not None))
+        for old in os.listdir(directory):
+            if old.startswith("ckpt-") and old.endswith(".eqx") and old != name:
+                os.remove(os.path.join(directory, old))
+
+    def load_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
+        directory, latest = self._checkpoint_paths()
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as f:
+            meta = json.load(f)
+        if meta.get("run") != _run_signature(self.run, self.config):
+            raise ValueError(
+                f"the checkpoint in {directory} was written by a different configuration; use "
+                "another `--out` directory or delete the old one.\n"
+                f"  checkpoint: {meta.get('run')}\n  this run:   {_run_signature(self.run, self.config)}"
+            )
+        buffers_like = self._new_buffers() if meta["phase_buffers"] else None
+        path = os.path.join(directory, meta["file"])
+        try:
+            self.states, buffers = eqx.tree_deserialise_leaves(path, (self.states, buffers_like))
+        except Exception as error:  # corrupt or truncated
+            raise ValueError(f"checkpoint file {path} could not be read ({error}).") from error
+        return meta, buffers
+
+    def _new_buffers(self) -> Any:
+        capacity = max(self.run.buffer_size, self.dataset.size)
+        one = qd.replay_buffer_from_dataset(self.dataset, capacity=capacity)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_seeds, *x.shape)), one)
+
+    # ----------------------------------------------------------------- the run
+    def train(self) -> dict[str, Any]:
+        """Offline then online training with evaluation, logging and checkpoints; resumes from
+        the latest checkpoint in `out_dir` if there is one. Returns the final results."""
+        run = self.run
+        loaded = self.load_checkpoint()
+        meta: dict[str, Any] = {"run": _run_signature(run, self.config), "evals": [], "bc": None}
+        buffers = None
+        step = 0
+        if loaded is not None:
+            meta, buffers = loaded
+            step = meta["step"]
+        offline_end = run.offline_steps
+        # Offline: `log_interval` updates per jitted call.
+        while step < offline_end:
+            n = min(run.log_interval, offline_end - step)
+            self.states, metrics = self._offline_chunk(
+                self.states, _keys(run.seeds, step, 0), self.dataset, n
+            )
+            step += n
+            metrics = _to_host(metrics)
+            _check_finite(metrics, step)
+            self.log(step, metrics, "train")
+            self.progress(step, metrics)
+            self._maybe_eval(step, meta, final=step == offline_end)
+            if step == offline_end and meta["bc"] is None:
+                bc = self.evaluate(self.states, step, bc=True)
+                meta["bc"] = bc["success"].tolist()
+                self.log(step, {"bc_success": bc["success"], "bc_return": bc["return"]}, "eval")
+            if step % run.checkpoint_interval == 0 or step == offline_end:
+                self.save_checkpoint(step, meta, None)
+        if run.online_steps > 0:
+            self._online(step, meta, buffers)
+        return meta
+
+    def _maybe_eval(self, step: int, meta: dict[str, Any], *, final: bool) -> None:
+        if step % self.run.eval_interval and not final:
+            return
+        if any(e["step"] == step for e in meta["evals"]):
+            return
+        result = self.evaluate(self.states, step)
+        meta["evals"].append({"step": step, "success": result["success"].tolist(),
+                              "return": result["return"].tolist()})  # fmt: skip
+        self.log(step, result, "eval")
+        self.progress(step, {"success": result["success"]})
+
+    def _online(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
+        run = self.run
+        offline_end = run.offline_steps
+        envs = [qd.make_env(run.env_name) for _ in run.seeds]
+        online = meta.get("online")
+        if buffers is None:
+            buffers = self._new_buffers()
+        if online is None:
+            online = {"episode": [0] * self.num_seeds, "episode_step": [0] * self.num_seeds,
+                      "queue": [[] for _ in run.seeds]}  # fmt: skip
+        obs = []
+        for i, (seed, env) in enumerate(zip(run.seeds, envs)):
+            o, _ = env.reset(seed=_episode_seed(seed, online["episode"][i]))
+            # Rebuild the environment's state by replaying this episode's stored actions.
+            n = online["episode_step"][i]
+            capacity = buffers.data.actions.shape[1]
+            insert = int(buffers.insert_index[i])
+            for j in range(n):
+                action = np.asarray(buffers.data.actions[i, (insert - n + j) % capacity])
+                o, *_ = env.step(action)
+            obs.append(np.asarray(o))
+        queues = [[np.asarray(a, np.float32) for a in q] for q in online["queue"]]
+        total = offline_end + run.online_steps
+        metrics = None
+        while step < total:
+            t = step - offline_end
+            if any(not q for q in queues):
+                chunks = np.asarray(self._act_all(self.states, jnp.asarray(np.stack(obs)),
+                                                  _keys(run.seeds, step, 1)))  # fmt: skip
+                for i, q in enumerate(queues):
+                    if not q:
+                        q.extend(chunks[i].reshape(-1, self.action_dim))
+            transitions = []
+            ended = []
+            for i, env in enumerate(envs):
+                action = queues[i].pop(0)
+                next_obs, reward, terminated, truncated, _ = env.step(action)
+                online["episode_step"][i] += 1
+                truncated = truncated or self._truncate(online["episode_step"][i])
+                if self.sparse:
+                    reward = -1.0 if reward != 0 else 0.0
+                transitions.append(qd.online_transition(
+                    obs[i], action, np.float32(reward), next_obs,
+                    terminated=bool(terminated), truncated=bool(truncated),
+                ))  # fmt: skip
+                obs[i] = np.asarray(next_obs)
+                ended.append(terminated or truncated)
+            stacked = jax.tree.map(lambda *x: jnp.stack(x), *transitions)
+            self.states, buffers, metrics = self._online_step(
+                self.states, buffers, stacked, _keys(run.seeds, step, 4),
+                jnp.asarray(t >= run.start_training),
+            )  # fmt: skip
+            for i, done in enumerate(ended):
+                if done:
+                    online["episode"][i] += 1
+                    online["episode_step"][i] = 0
+                    queues[i] = []
+                    obs[i], _ = envs[i].reset(
+                        seed=_episode_seed(run.seeds[i], online["episode"][i])
+                    )
+            step += 1
+            if (step - offline_end) % run.log_interval == 0 or step == total:
+                host = _to_host(metrics)
+                _check_finite(host, step)
+                self.log(step, host, "train")
+                self.progress(step, host)
+            self._maybe_eval(step, meta, final=step == total)
+            if step % run.checkpoint_interval == 0 or step == total:
+                online["queue"] = [[a.tolist() for a in q] for q in queues]
+                meta["online"] = online
+                self.save_checkpoint(step, meta, buffers)
+
+
+def _check_finite(metrics: dict[str, np.ndarray], step: int) -> None:
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {', '.join(bad)} at step {step}; the run stopped and the last good "
+            "checkpoint was kept. Lower the learning rate or check the data."
+        )
+
+
+def _run_signature(run: RunConfig, config: Any) -> dict[str, Any]:
+    keep = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("out_dir", "dataset_dir")}
+    return json.loads(json.dumps({"run": keep, "agent": dataclasses.asdict(config)}))
+
+
+def _atomic_json(path: str, payload: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _episode_seed(seed: int, episode: int) -> int:
+    return (seed * 1_000_003 + episode) % (2**31 - 1)

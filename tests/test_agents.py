@@ -1,0 +1,163 @@
+"""QAM agents: gradient routing, determinism, acting, TD target and edit entropy by hand."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qam
+from qam.agents import ChunkBatch, QAMConfig, critic_loss
+from qam.agents import qam as agent
+
+
+pytestmark = pytest.mark.standard_promotion
+
+OBS, A, H, B = 5, 2, 3, 8
+TINY = dict(actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=3, horizon=H, flow_steps=4)
+VARIANTS = {
+    "qam": QAMConfig(**TINY, inv_temp=1.0),
+    "qam-fql": QAMConfig(**TINY, inv_temp=1.0, fql_alpha=10.0),
+    "qam-edit": QAMConfig(**TINY, inv_temp=1.0, edit_scale=0.1),
+}
+_update = jax.jit(agent.update)
+
+
+def _batch(key):
+    k = jax.random.split(key, 4)
+    return ChunkBatch(
+        observations=jax.random.normal(k[0], (B, OBS)),
+        actions=jax.random.uniform(k[1], (B, H, A), minval=-1, maxval=1),
+        rewards=-jax.random.uniform(k[2], (B, H)),
+        masks=jnp.ones((B, H)),
+        valid=jnp.ones((B, H)).at[0, -1].set(0.0),
+        next_observations=jax.random.normal(k[3], (B, H, OBS)),
+    )
+
+
+def _changed(a, b):
+    leaves = zip(jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array)),
+                 jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array)))  # fmt: skip
+    return any(not np.array_equal(x, y) for x, y in leaves)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_update_changes_the_right_networks_and_is_deterministic(variant, getkey):
+    config = VARIANTS[variant]
+    state = agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config)
+    assert state.action_dim == H * A
+    batch, key = _batch(getkey()), getkey()
+    new, metrics = _update(state, batch, key=key)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in metrics.values())
+    for name in ("critic", "actor_slow", "actor_fast"):
+        assert _changed(getattr(state, name), getattr(new, name)), name
+    # Targets move from the pre-update online parameters: tau * online + (1 - tau) * target,
+    # and the first target equals the online network, so the target does not move at step 1.
+    for x, y in zip(jax.tree.leaves(eqx.filter(state.target_critic, eqx.is_inexact_array)),
+                    jax.tree.leaves(eqx.filter(new.target_critic, eqx.is_inexact_array))):  # fmt: skip
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert int(new.step) == 1
+    assert (new.one_step is not None) == (variant == "qam-fql")
+    assert (new.edit is not None) == (variant == "qam-edit")
+    if variant == "qam-fql":
+        assert _changed(state.one_step, new.one_step)
+    if variant == "qam-edit":
+        assert _changed(state.edit, new.edit)
+        assert not np.array_equal(state.log_alpha, new.log_alpha)
+    again, _ = _update(state, batch, key=key)
+    assert not _changed(new, again)
+    # Second step: the target moves by tau * (online_1 - target_1), computed from pre-update.
+    newer, _ = _update(new, batch, key=getkey())
+    expected = jax.tree.map(
+        lambda o, t: config.tau * o + (1 - config.tau) * t,
+        eqx.filter(new.critic, eqx.is_inexact_array),
+        eqx.filter(new.target_critic, eqx.is_inexact_array),
+    )
+    for x, y in zip(jax.tree.leaves(expected),
+                    jax.tree.leaves(eqx.filter(newer.target_critic, eqx.is_inexact_array))):  # fmt: skip
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_each_loss_moves_only_its_network(getkey):
+    # Gradient routing: the flow loss moves only actor_slow, the AM loss only actor_fast,
+    # the critic loss only the critic (checked by differentiating each term separately).
+    config = VARIANTS["qam-edit"]
+    state = agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config)
+    batch, key = _batch(getkey()), getkey()
+    params = agent._trainable(state)
+    dynamic, static = eqx.partition(params, eqx.is_inexact_array)
+
+    def grads_of(metric):
+        return jax.grad(
+            lambda d: agent._losses(eqx.combine(d, static), state, batch, key)[1][metric]
+        )(dynamic)
+
+    def moved(grads):
+        return {name for name in ("critic", "actor_slow", "actor_fast", "edit", "log_alpha")
+                if any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(getattr(grads, name)))}  # fmt: skip
+
+    assert moved(grads_of("critic_loss")) == {"critic"}
+    assert moved(grads_of("flow_loss")) == {"actor_slow"}
+    assert moved(grads_of("am_loss")) == {"actor_fast"}
+    assert moved(grads_of("edit_q")) == {"edit"}
+    assert moved(grads_of("alpha_loss")) == {"log_alpha"}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_act_returns_chunks_in_the_box(variant, getkey):
+    config = dataclasses.replace(VARIANTS[variant], best_of_n=3)
+    state = agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config)
+    obs = 10.0 * jax.random.normal(getkey(), (16, OBS))
+    actions = jax.vmap(lambda o, k: agent.act(state, o, key=k))(obs, jax.random.split(getkey(), 16))
+    assert actions.shape == (16, H * A)
+    assert bool(jnp.all(jnp.abs(actions) <= 1.0))
+
+
+def test_critic_loss_hand_computed(getkey):
+    # Two-member "critic" with known outputs; target y = R_{H-1} + gamma^H mask (mean - rho std).
+    critic = lambda o, a: jnp.array([1.0, 3.0]) + jnp.sum(a)
+    batch = ChunkBatch(
+        observations=jnp.zeros((2, 1)),
+        actions=jnp.zeros((2, 2, 1)),
+        rewards=jnp.array([[-1.0, -1.9], [0.0, -0.5]]),
+        masks=jnp.array([[1.0, 1.0], [1.0, 0.0]]),
+        valid=jnp.array([[1.0, 1.0], [1.0, 1.0]]),
+        next_observations=jnp.zeros((2, 2, 1)),
+    )
+    next_q = jnp.array([[2.0, 4.0], [10.0, 10.0]])  # mean 3, std 1; mean 10, std 0
+    loss, metrics = critic_loss(critic, batch, next_q, discount=0.9, rho=0.5, chunked=True)
+    y0 = -1.9 + 0.81 * (3.0 - 0.5)
+    y1 = -0.5  # mask 0 cuts the bootstrap
+    expected = ((1 - y0) ** 2 + (3 - y0) ** 2 + (1 - y1) ** 2 + (3 - y1) ** 2) / 4
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["target_mean"], (y0 + y1) / 2, rtol=1e-6)
+
+
+def test_edit_entropy_terms_hand_computed(getkey):
+    config = VARIANTS["qam-edit"]
+    state = agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config)
+    state = dataclasses.replace(state, log_alpha=jnp.asarray(np.log(0.5), jnp.float32))
+    _, metrics = agent._losses(agent._trainable(state), state, _batch(getkey()), getkey())
+    # L_alpha = alpha * (entropy - H_target), H_target = -0.5 * D.
+    target = -0.5 * H * A
+    np.testing.assert_allclose(
+        metrics["alpha_loss"], 0.5 * (metrics["entropy"] - target), rtol=1e-5
+    )
+
+
+def test_config_errors_and_presets():
+    with pytest.raises(ValueError, match="exclusive"):
+        QAMConfig(fql_alpha=1.0, edit_scale=0.1)
+    with pytest.raises(ValueError, match="flow_steps"):
+        QAMConfig(flow_steps=1)
+    with pytest.raises(ValueError, match="not one of"):
+        QAMConfig.paper("sac", "cube-double-play-singletask-task2-v0")
+    with pytest.raises(ValueError, match="known domains"):
+        QAMConfig.paper("qam", "walker-run-v0")
+    c = QAMConfig.paper("qam-edit", "cube-triple-play-singletask-task2-v0")
+    assert (c.inv_temp, c.edit_scale, c.horizon, c.discount) == (3.0, 0.1, 5, 0.99)
+    c = QAMConfig.paper("qam-fql", "humanoidmaze-large-navigate-singletask-task1-v0")
+    assert (c.inv_temp, c.fql_alpha, c.horizon, c.discount, c.rho) == (0.3, 30.0, 1, 0.995, 0.0)
+    assert qam.agents.domain_of("puzzle-4x4-play-singletask-task3-v0") == "puzzle-4x4-play"
