@@ -160,7 +160,7 @@ def bam_loss_qam_rollout(velocity, base, critic, obs, noise, num_steps, inv_temp
         return jax.vmap(at)(ts, x_steps)
 
     diff = jax.vmap(control)(obs, xs)  # (B, K-1, D)
-    running = jnp.sum(2.0 * jnp.sum(diff**2, axis=-1) / sigma**2, axis=-1)
+    running = jnp.sum(2.0 * jnp.sum(diff**2, axis=-1) / sigma[None, :] ** 2, axis=-1)
     return _bam_reward(critic, obs, trajectory.action, inv_temp, rho) + jnp.mean(running)
 
 

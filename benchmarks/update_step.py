@@ -141,9 +141,7 @@ def sample_batches(dataset, key, num_seeds: int, config, batch: int):
     from qam.agents import ChunkBatch
 
     def one(k):
-        b = qd.sample_sequence(
-            dataset, k, batch, horizon=config.horizon, discount=config.discount
-        )
+        b = qd.sample_sequence(dataset, k, batch, horizon=config.horizon, discount=config.discount)
         return ChunkBatch(*b)
 
     if num_seeds == 1:
@@ -152,7 +150,8 @@ def sample_batches(dataset, key, num_seeds: int, config, batch: int):
 
 
 def init_states(config, args: argparse.Namespace, num_seeds: int, seed: int):
-    """Agent state(s), split into (arrays, static): S = 1 plain, S > 1 `eqx.filter_vmap`."""
+    """Agent state(s), split into (arrays, static): S = 1 plain, S > 1 `eqx.filter_vmap`.
+    Every array leaf is a distinct buffer."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -162,12 +161,14 @@ def init_states(config, args: argparse.Namespace, num_seeds: int, seed: int):
     obs = jnp.zeros((args.obs_dim,), jnp.float32)
     action = jnp.zeros((args.action_dim,), jnp.float32)
     key = jax.random.PRNGKey(seed)
-    if num_seeds == 1:
-        state = agent.init(key, obs, action, config)
+    init = eqx.filter_jit(lambda k: agent.init(k, obs, action, config))  # one compile, not
+    if num_seeds == 1:  # hundreds of eager dispatches
+        state = init(key)
     else:
-        keys = jax.random.split(key, num_seeds)
-        state = eqx.filter_vmap(lambda k: agent.init(k, obs, action, config))(keys)
-    return eqx.partition(state, eqx.is_array)
+        state = eqx.filter_jit(eqx.filter_vmap(init))(jax.random.split(key, num_seeds))
+    dynamic, static = eqx.partition(state, eqx.is_array)
+    # `init` shares buffers (target = online); copy every leaf so that the state can be donated.
+    return jax.tree_util.tree_map(jnp.copy, dynamic), static
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +229,9 @@ def _quiet_donation():
     return ctx
 
 
+COMPILER_OPTIONS: dict[str, Any] = {}  # `--fast-compile`: XLA options for every compile
+
+
 def compile_fn(fn, example_args, donate: bool) -> tuple[Any, dict[str, Any]]:
     """AOT-compile `fn` (timed), and count its FLOPs (XLA's and the loop-aware jaxpr count)."""
     import jax
@@ -235,7 +239,7 @@ def compile_fn(fn, example_args, donate: bool) -> tuple[Any, dict[str, Any]]:
     jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
     start = time.perf_counter()
     lowered = jitted.lower(*example_args)
-    compiled = lowered.compile()
+    compiled = lowered.compile(dict(COMPILER_OPTIONS)) if COMPILER_OPTIONS else lowered.compile()
     compile_s = time.perf_counter() - start
     stats = _common.compile_stats(compiled)
     try:
@@ -283,9 +287,9 @@ def matmul_rate(n: int, args: argparse.Namespace) -> dict[str, Any]:
     )
     flops = 2.0 * n**3
     return {
-        "n": n,
-        "flops": flops,
         **timing,
+        "size": n,
+        "flops": flops,
         "gflops_per_s": flops / timing["median_s"] / 1e9,
     }
 
@@ -326,8 +330,8 @@ def bench_variant(variant: str, num_seeds: int, args, dataset, peak) -> dict[str
         "median_s": per_call,
         **timing,
         "steps_per_s": steps_per_s,
-        "gflop": per_step_flops["matmul"] / 1e9 if per_step_flops["matmul"] else None,
-        "xla_gflop": per_step_flops["xla"] / 1e9 if per_step_flops["xla"] else None,
+        "gflop": per_step_flops["matmul"] / 1e9 if per_step_flops["matmul"] is not None else None,
+        "xla_gflop": per_step_flops["xla"] / 1e9 if per_step_flops["xla"] is not None else None,
         "peak_estimate_bytes": cost["peak_estimate_bytes"],
     }
     row["update"]["fraction_of_matmul"] = _rate(per_step_flops["matmul"], steps_per_s, peak)
@@ -339,7 +343,9 @@ def bench_variant(variant: str, num_seeds: int, args, dataset, peak) -> dict[str
         ds_dynamic, ds_static = eqx.partition(dataset, eqx.is_array)
         loop = make_loop_fn(static, num_seeds, ds_static, config, args.batch, args.loop_steps)
         compiled, cost = compile_fn(loop, (dynamic, ds_dynamic, step_keys(0)), args.donate)
-        timing, dynamic = run_stateful(compiled, dynamic, lambda i: (ds_dynamic, step_keys(i)), args)
+        timing, dynamic = run_stateful(
+            compiled, dynamic, lambda i: (ds_dynamic, step_keys(i)), args
+        )
         per_call = timing.pop("median_s")
         loop_rate = num_seeds * args.loop_steps / per_call
         row["loop"] = {
@@ -367,8 +373,7 @@ def breakdown(args, dataset, peak) -> list[dict[str, Any]]:
     import optax
 
     import qam
-    from qam.agents import make_optimizer, polyak_update
-    from qam.agents import qam as agent
+    from qam.agents import make_optimizer, polyak_update, qam as agent
 
     config = make_config("qam", args)
     key = jax.random.PRNGKey(args.seed + 2)
@@ -407,7 +412,11 @@ def breakdown(args, dataset, peak) -> list[dict[str, Any]]:
         return eqx.filter_grad(loss)(state.actor_slow)
 
     def am_parts(state, k, upto):
-        base, fast, critic = sg(state.target_actor_slow), sg(state.actor_fast), sg(state.target_critic)
+        base, fast, critic = (
+            sg(state.target_actor_slow),
+            sg(state.actor_fast),
+            sg(state.target_critic),
+        )
 
         def rollout(o, kk):
             return qam.memoryless_sde_sample(
@@ -485,7 +494,7 @@ def breakdown(args, dataset, peak) -> list[dict[str, Any]]:
                 "part": name,
                 "compile_s": cost["compile_s"],
                 **timing,
-                "gflop": flops / 1e9 if flops else None,
+                "gflop": flops / 1e9 if flops is not None else None,
                 "xla_gflop": cost["xla_flops"] / 1e9 if cost["xla_flops"] else None,
                 "fraction_of_matmul": _rate(flops, 1.0 / timing["median_s"], peak),
             }
@@ -568,7 +577,7 @@ def parts_table(rows: list[dict[str, Any]]) -> str:
 
 
 def targets(rows, mm, backend: str) -> list[str]:
-    lines = [f"- matmul rate ({mm['n']}^3 float32): {mm['gflops_per_s']:.1f} GFLOP/s"]
+    lines = [f"- matmul rate ({mm['size']}^3 float32): {mm['gflops_per_s']:.1f} GFLOP/s"]
     for r in rows:
         u, lp = r["update"], r.get("loop")
         tag = f"{r['variant']} x{r['seeds']}"
@@ -635,7 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-critics", type=int, default=None, help="critic ensemble size (paper: 10)"
     )
     parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (paper: 10)")
-    parser.add_argument("--horizon", type=int, default=None, help="action chunk length H (paper: 5)")
+    parser.add_argument(
+        "--horizon", type=int, default=None, help="action chunk length H (paper: 5)"
+    )
     parser.add_argument("--obs-dim", type=int, default=None, help="observation size (paper: 37)")
     parser.add_argument("--action-dim", type=int, default=None, help="action size (paper: 5)")
     parser.add_argument(
@@ -690,9 +701,16 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/results/update_step_<device>.json",
     )
     parser.add_argument(
+        "--fast-compile",
+        action="store_true",
+        help="compile with XLA's backend optimisation level 0 (shorter compiles, slower code: "
+        "for smoke tests only; implied by --quick)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes (2x16 networks, 2 critics, K=2, H=2, batch 8), 2 repeats: for tests",
+        help="tiny sizes (2x16 networks, 2 critics, K=2, H=2, batch 8, 256^3 matmul, 3 loop "
+        "steps), at most 2 repeats, --fast-compile: a smoke test of the harness, not a benchmark",
     )
     return parser
 
@@ -708,6 +726,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.dataset_size = min(args.dataset_size, 1000)
         args.episode_length = min(args.episode_length, 50)
         args.matmul_size = min(args.matmul_size, 256)
+        args.fast_compile = True
+    COMPILER_OPTIONS.clear()
+    if args.fast_compile:
+        COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
 
     import jax
 
@@ -800,8 +822,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nParts of one qam update, each jitted on its own:\n")
         print(parts_table(parts))
     print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
-    return {"machine": info, "config": config, "matmul": mm, "results": rows, "breakdown": parts,
-            "out": out}
+    return {
+        "machine": info,
+        "config": config,
+        "matmul": mm,
+        "results": rows,
+        "breakdown": parts,
+        "out": out,
+    }
 
 
 if __name__ == "__main__":

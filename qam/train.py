@@ -119,56 +119,15 @@ class Trainer:
         )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds]))
         self._build_functions()
 
-    # ----------------------------------------------------------------- compiled functions
     def _build_functions(self):
-        agent, config, run = self.agent, self.config, self.run
-        horizon, discount, batch_size = config.horizon, config.discount, run.batch_size
-
-        def offline_one(state, key, dataset, num_updates):
-            def body(state, k):
-                sample_key, update_key = jax.random.split(k)
-                batch = qd.sample_sequence(
-                    dataset, sample_key, batch_size, horizon=horizon, discount=discount
-                )
-                return agent.update(state, ChunkBatch(*batch), key=update_key)
-
-            state, metrics = jax.lax.scan(body, state, jax.random.split(key, num_updates))
-            return state, jax.tree.map(lambda m: m[-1], metrics)
-
-        @eqx.filter_jit
-        def offline_chunk(states, keys, dataset, num_updates):
-            return eqx.filter_vmap(
-                lambda s, k: offline_one(s, k, dataset, num_updates), in_axes=(0, 0)
-            )(states, keys)
-
-        self._offline_chunk = offline_chunk
-
-        @eqx.filter_jit
-        def act_all(states, obs, keys):
-            return eqx.filter_vmap(lambda s, o, k: agent.act(s, o, key=k))(states, obs, keys)
-
-        self._act_all = act_all
-
-        @eqx.filter_jit
-        def online_step(states, buffers, transitions, keys, train):
-            buffers = eqx.filter_vmap(qd.add_transition)(buffers, transitions)
-
-            def one(state, buffer, key):
-                def body(state, k):
-                    sample_key, update_key = jax.random.split(k)
-                    batch = qd.sample_sequence(
-                        buffer, sample_key, batch_size, horizon=horizon, discount=discount
-                    )
-                    return agent.update(state, ChunkBatch(*batch), key=update_key)
-
-                new_state, metrics = jax.lax.scan(body, state, jax.random.split(key, run.utd_ratio))
-                return new_state, jax.tree.map(lambda m: m[-1], metrics)
-
-            new_states, metrics = eqx.filter_vmap(one)(states, buffers, keys)
-            states = jax.lax.cond(train, lambda: new_states, lambda: states)
-            return states, buffers, metrics
-
-        self._online_step = online_step
+        agent, batch_size, utd = self.agent, self.run.batch_size, self.run.utd_ratio
+        self._offline_chunk = lambda states, keys, dataset, n: _offline_chunk(
+            states, keys, dataset, n, agent=agent, batch_size=batch_size
+        )
+        self._act_all = lambda states, obs, keys: _act_all(states, obs, keys, agent=agent)
+        self._online_updates = lambda states, buffers, keys: _online_updates(
+            states, buffers, keys, agent=agent, batch_size=batch_size, utd_ratio=utd
+        )
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, states: Any, step: int, *, bc: bool = False) -> dict[str, np.ndarray]:
@@ -356,10 +315,11 @@ class Trainer:
                 obs[i] = np.asarray(next_obs)
                 ended.append(terminated or truncated)
             stacked = jax.tree.map(lambda *x: jnp.stack(x), *transitions)
-            self.states, buffers, metrics = self._online_step(
-                self.states, buffers, stacked, _keys(run.seeds, step, 4),
-                jnp.asarray(t >= run.start_training),
-            )  # fmt: skip
+            buffers = _add_all(buffers, stacked)
+            if t >= run.start_training:
+                self.states, metrics = self._online_updates(
+                    self.states, buffers, _keys(run.seeds, step, 4)
+                )
             for i, done in enumerate(ended):
                 if done:
                     online["episode"][i] += 1
@@ -369,7 +329,9 @@ class Trainer:
                         seed=_episode_seed(run.seeds[i], online["episode"][i])
                     )
             step += 1
-            if (step - offline_end) % run.log_interval == 0 or step == total:
+            if metrics is not None and (
+                (step - offline_end) % run.log_interval == 0 or step == total
+            ):
                 host = _to_host(metrics)
                 _check_finite(host, step)
                 self.log(step, host, "train")
@@ -379,6 +341,46 @@ class Trainer:
                 online["queue"] = [[a.tolist() for a in q] for q in queues]
                 meta["online"] = online
                 self.save_checkpoint(step, meta, buffers)
+
+
+# Compiled once per (agent, shapes, static settings) and shared by every Trainer in a process.
+def _sample_and_update(state, key, data, *, agent, batch_size):
+    sample_key, update_key = jax.random.split(key)
+    config = state.config
+    batch = qd.sample_sequence(
+        data, sample_key, batch_size, horizon=config.horizon, discount=config.discount
+    )
+    return agent.update(state, ChunkBatch(*batch), key=update_key)
+
+
+def _scan_updates(state, key, data, num_updates, *, agent, batch_size):
+    body = lambda st, k: _sample_and_update(st, k, data, agent=agent, batch_size=batch_size)
+    state, metrics = jax.lax.scan(body, state, jax.random.split(key, num_updates))
+    return state, jax.tree.map(lambda m: m[-1], metrics)
+
+
+@eqx.filter_jit
+def _offline_chunk(states, keys, dataset, num_updates, *, agent, batch_size):
+    """`num_updates` sample-and-update steps per seed on the offline dataset, in one call."""
+    one = lambda s, k: _scan_updates(s, k, dataset, num_updates, agent=agent, batch_size=batch_size)
+    return eqx.filter_vmap(one)(states, keys)
+
+
+@eqx.filter_jit
+def _online_updates(states, buffers, keys, *, agent, batch_size, utd_ratio):
+    """`utd_ratio` updates per seed, each on a batch sampled from that seed's replay buffer."""
+    one = lambda s, b, k: _scan_updates(s, k, b, utd_ratio, agent=agent, batch_size=batch_size)
+    return eqx.filter_vmap(one)(states, buffers, keys)
+
+
+@eqx.filter_jit
+def _act_all(states, obs, keys, *, agent):
+    return eqx.filter_vmap(lambda s, o, k: agent.act(s, o, key=k))(states, obs, keys)
+
+
+@eqx.filter_jit
+def _add_all(buffers, transitions):
+    return eqx.filter_vmap(qd.add_transition)(buffers, transitions)
 
 
 def _check_finite(metrics: dict[str, np.ndarray], step: int) -> None:

@@ -1,0 +1,109 @@
+"""The training loop: resume is bit-identical, bad settings fail early, non-finite stops."""
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import qam.data as qd
+from qam.agents import QAMConfig
+from qam.train import RunConfig, Trainer
+
+
+pytestmark = pytest.mark.standard_promotion
+
+ENV = "cube-double-play-singletask-task1-v0"
+CONFIG = QAMConfig(
+    actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, flow_steps=3, edit_scale=0.1,
+    inv_temp=1.0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    qd.generate_dataset(
+        "cube-double-v0", "play", num_episodes=3, out_dir=directory, seed=0,
+        max_episode_steps=40, progress=False,
+    )  # fmt: skip
+    return str(directory)
+
+
+def _run(dataset_dir, out_dir, **kw):
+    settings = dict(
+        env_name=ENV, agent="qam-edit", offline_steps=16, online_steps=24, eval_episodes=1,
+        eval_interval=8, log_interval=8, seeds=(0, 3), out_dir=str(out_dir),
+        dataset_dir=dataset_dir, batch_size=8, start_training=4, checkpoint_interval=8,
+        max_episode_steps=12,
+    )  # fmt: skip
+    settings.update(kw)
+    return RunConfig(**settings)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_identical_to_uninterrupted_run(dataset_dir, tmp_path):
+    logs_full: list = []
+    full = Trainer(_run(dataset_dir, tmp_path / "full"), CONFIG,
+                   log=lambda s, m, p: logs_full.append((p, s, m)))  # fmt: skip
+    result_full = full.train()
+
+    # Interrupted run: dies while logging step 40... no: at online step 32 + 4, i.e. after the
+    # checkpoint at step 32 (episode 1, 4 steps in, one action of a chunk still pending).
+    def dying_log(step, metrics, prefix):
+        if step > 32 and prefix == "train":
+            raise _Interrupt
+        logs_part.append((prefix, step, metrics))
+
+    logs_part: list = []
+    part = Trainer(_run(dataset_dir, tmp_path / "part"), CONFIG, log=dying_log)
+    with pytest.raises(_Interrupt):
+        part.train()
+    resumed_logs: list = []
+    resumed = Trainer(_run(dataset_dir, tmp_path / "part"), CONFIG,
+                      log=lambda s, m, p: resumed_logs.append((p, s, m)))  # fmt: skip
+    result_resumed = resumed.train()
+
+    full_leaves = jax.tree.leaves(eqx.filter(full.states, eqx.is_array))
+    resumed_leaves = jax.tree.leaves(eqx.filter(resumed.states, eqx.is_array))
+    assert len(full_leaves) == len(resumed_leaves)
+    for a, b in zip(full_leaves, resumed_leaves):
+        np.testing.assert_array_equal(a, b)
+    assert result_full["evals"] == result_resumed["evals"]
+    assert result_full["bc"] == result_resumed["bc"]
+    # The resumed run redid exactly the steps after its checkpoint, with the same metrics.
+    after = [(p, s, m) for p, s, m in logs_full if s > 32]
+    assert [(p, s) for p, s, _ in after] == [(p, s) for p, s, _ in resumed_logs]
+    for (_, _, m1), (_, _, m2) in zip(after, resumed_logs):
+        for key in m1:
+            np.testing.assert_array_equal(m1[key], m2[key])
+
+
+def test_checkpoint_from_another_configuration_is_refused(dataset_dir, tmp_path):
+    run = _run(dataset_dir, tmp_path, online_steps=0)
+    Trainer(run, CONFIG, log=lambda *a: None).train()
+    with pytest.raises(ValueError, match="different configuration"):
+        Trainer(_run(dataset_dir, tmp_path, online_steps=0, batch_size=4), CONFIG,
+                log=lambda *a: None).train()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(agent="sac"), "not one of"),
+        (dict(offline_steps=-1), "offline_steps"),
+        (dict(eval_interval=12), "multiple of `log_interval`"),
+        (dict(seeds=()), "seeds"),
+        (dict(seeds=(1, 1)), "seeds"),
+    ],
+)
+def test_bad_run_settings_fail_before_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _run("/nonexistent", "/nonexistent", **kwargs)
+
+
+def test_missing_dataset_fails_at_once(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cube-double-play-v0.npz"):
+        Trainer(_run(str(tmp_path), tmp_path / "out"), CONFIG, log=lambda *a: None)

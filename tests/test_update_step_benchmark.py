@@ -1,0 +1,89 @@
+"""The update-step benchmark harness (`benchmarks/update_step.py`) runs and reports sensibly.
+
+Only the harness is checked (tiny sizes via `--quick`, which also compiles with XLA's backend
+optimisation level 0; no timings asserted): `--help` documents the options, and one in-process
+run of `main` writes a JSON and a markdown file with positive numbers.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+import qam
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "update_step.py")
+
+
+def _load_module():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        spec = importlib.util.spec_from_file_location("update_step_bench", SCRIPT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    return module
+
+
+def test_help_documents_every_option():
+    bench = _load_module()
+    text = bench.build_parser().format_help()
+    for option in (
+        "--variants",
+        "--seeds",
+        "--batch",
+        "--width",
+        "--num-critics",
+        "--flow-steps",
+        "--horizon",
+        "--loop-steps",
+        "--repeats",
+        "--matmul-size",
+        "--breakdown",
+        "--out",
+        "--quick",
+        "--platform",
+    ):
+        assert option in text
+    for action in bench.build_parser()._actions:
+        assert action.help, action.option_strings  # every option is documented
+
+
+@pytest.mark.standard_promotion  # optax's Adam inside the agent update
+def test_quick_run_writes_results(tmp_path, capsys):
+    bench = _load_module()
+    out = tmp_path / "update_step_test.json"
+    result = bench.main(
+        ["--quick", "--variants", "qam", "--seeds", "1", "--loop-steps", "2", "--out", str(out)]
+    )
+    printed = capsys.readouterr().out
+    for word in ("machine", "device", "jax", "jaxlib", "equinox", "optax", "qam", "matmul"):
+        assert word in printed
+    assert result["out"] == str(out)
+
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "update_step"
+    assert data["machine"]["versions"]["qam"] == qam.__version__
+    assert data["matmul"]["gflops_per_s"] > 0 and data["matmul"]["median_s"] > 0
+    (row,) = data["results"]
+    assert row["variant"] == "qam" and row["seeds"] == 1
+    update = row["update"]
+    for name in ("compile_s", "median_s", "steps_per_s", "gflop", "xla_gflop"):
+        assert update[name] > 0, name
+    assert update["fraction_of_matmul"] > 0
+    loop = row["loop"]
+    assert loop["steps"] == 2
+    for name in ("compile_s", "median_s", "steps_per_s", "ratio_to_update"):
+        assert loop[name] > 0, name
+    assert data["targets"]
+
+    md = out.with_suffix(".md").read_text()
+    assert "| variant | seeds | update ms/call | update steps/s |" in md
+    assert "| qam | 1 |" in md
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # atomic writes
