@@ -7,12 +7,14 @@ Time runs from 0 (noise) to 1 (action); the adjoint is integrated backwards, fro
 "Q-learning with Adjoint Matching" (arXiv 2601.14234).
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._misc import stop_gradient_tree
-from ._sde import SDETrajectory, memoryless_sigma
+from ._misc import check_num_steps, stop_gradient_tree
+from ._sde import SDETrajectory, _resolve_noise, memoryless_sigma, time_grid
 from ._types import Obs, Scalar, VelocityField
 
 
@@ -207,3 +209,72 @@ def adjoint_matching_loss(
         control = v - jax.vmap(base, in_axes=(0, 0, None))(t, xs, obs)
     residuals = 2.0 * control / sigma + sigma * adjoint
     return jnp.sum(residuals**2)
+
+
+def fused_adjoint_matching_loss(
+    velocity: VelocityField,
+    base_velocity: VelocityField,
+    obs: Obs,
+    terminal_adjoint_fn: Callable[[Float[Array, " action"]], Float[Array, " action"]],
+    *,
+    key: PRNGKeyArray | None = None,
+    action_dim: int | None = None,
+    num_steps: int = 10,
+    noise: Float[Array, "steps action"] | None = None,
+    residual: bool = False,
+) -> tuple[Scalar, SDETrajectory]:
+    """Rollout, lean adjoint and adjoint matching loss in one pass, evaluating every network
+    once per input.
+
+    Computes exactly `adjoint_matching_loss(velocity, base_velocity, obs, traj, A)` with
+    `traj = memoryless_sde_sample(velocity, base_velocity, obs, ...)` (on the same `key` or
+    `noise`) and `A = lean_adjoint(base_velocity, obs, traj, terminal_adjoint_fn(traj.action))`,
+    and has the same gradient with respect to `velocity`; but the fine velocity's evaluations
+    `v(t_i, X_i)` made by the rollout are the ones the loss differentiates (the states are held
+    by `jax.lax.stop_gradient`, so reverse mode stores one set of activations per step and never
+    re-runs the network), and the base's last-step evaluation `v_B(t_{K-1}, X_{K-1})` is shared
+    by the rollout and the loss. Use it for training; use the composed functions to inspect the
+    pieces.
+
+    **Arguments:** as `memoryless_sde_sample`, plus `terminal_adjoint_fn`, mapping the
+    (unclipped) action `X_K` to the terminal adjoint `A_K` (e.g.
+    `lambda a: -inv_temp * jax.grad(q)(a)`); it is evaluated without gradient.
+
+    **Returns:** `(loss, trajectory)`; gradients flow only into `velocity`.
+    """
+    name = "fused_adjoint_matching_loss"
+    check_num_steps(name, num_steps)
+    noise = _resolve_noise(name, key, noise, action_dim, num_steps)
+    h = 1.0 / num_steps
+    ts = time_grid(num_steps, noise.dtype)
+    base = stop_gradient_tree(base_velocity)
+    sigmas = memoryless_sigma(ts[:-1], h)
+
+    def control(v, x, t):
+        return v if residual else v - base(t, x, obs)
+
+    def step(x, inputs):
+        t, sigma, xi = inputs
+        x = jax.lax.stop_gradient(x)
+        v = velocity(t, x, obs)  # differentiable in the velocity's parameters only
+        drift_v = jax.lax.stop_gradient(v + base(t, x, obs) if residual else v)
+        x_next = x + h * (2.0 * drift_v - x / (t + h)) + jnp.sqrt(h) * sigma * xi
+        return x_next, (x, control(v, x, t))
+
+    x_last, (xs, controls) = jax.lax.scan(
+        step, noise[0], (ts[: num_steps - 1], sigmas[: num_steps - 1], noise[1:])
+    )
+    x_last = jax.lax.stop_gradient(x_last)
+    t_last = ts[num_steps - 1]
+    v_base_last = base(t_last, x_last, obs)
+    action = jax.lax.stop_gradient(x_last + h * v_base_last)
+    v_last = velocity(t_last, x_last, obs)
+    control_last = v_last if residual else v_last - v_base_last
+    trajectory = SDETrajectory(
+        xs=jax.lax.stop_gradient(jnp.concatenate([xs, x_last[None], action[None]], axis=0)), ts=ts
+    )
+    terminal = jax.lax.stop_gradient(terminal_adjoint_fn(action))
+    adjoint = lean_adjoint(base_velocity, obs, trajectory, terminal)
+    controls = jnp.concatenate([controls, control_last[None]], axis=0)
+    residuals = 2.0 * controls / sigmas[:, None] + sigmas[:, None] * adjoint
+    return jnp.sum(residuals**2), trajectory

@@ -28,7 +28,9 @@ SPEC_OPTIMUM_CONTROL = np.array(
 
 
 def _trajectory(velocity, base, dim, key, num_steps=K):
-    return qam.memoryless_sde_sample(velocity, base, None, key=key, action_dim=dim, num_steps=num_steps)
+    return qam.memoryless_sde_sample(
+        velocity, base, None, key=key, action_dim=dim, num_steps=num_steps
+    )
 
 
 def test_lean_adjoint_matches_spec_vectors(getkey):
@@ -162,7 +164,9 @@ def test_loss_gradient_flows_only_into_velocity(getkey):
     def loss(fine_, base_, xs_, adj_):
         return qam.adjoint_matching_loss(fine_, base_, obs, qam.SDETrajectory(xs_, traj.ts), adj_)
 
-    g_fine, g_base, g_xs, g_adj = jax.grad(loss, argnums=(0, 1, 2, 3))(fine, base, traj.xs, adjoints)
+    g_fine, g_base, g_xs, g_adj = jax.grad(loss, argnums=(0, 1, 2, 3))(
+        fine, base, traj.xs, adjoints
+    )
     assert any(float(jnp.abs(leaf).sum()) > 0 for leaf in jax.tree.leaves(g_fine))
     for tree in (g_base, g_xs, g_adj):
         assert all(float(jnp.abs(leaf).sum()) == 0 for leaf in jax.tree.leaves(tree))
@@ -213,6 +217,7 @@ def test_basic_adjoint_equals_autodiff_through_rollout(getkey, residual, scale):
     )  # fmt: skip
     expected = jax.grad(cost)(jnp.zeros((num_steps, dim)))
     np.testing.assert_allclose(adjoints, expected, rtol=1e-4, atol=1e-5)
+
     # With the noise held fixed, A_0 is also the gradient w.r.t. the initial noise.
     def cost_of_x0(x0):
         t = qam.memoryless_sde_sample(
@@ -236,3 +241,74 @@ def test_basic_adjoint_equals_lean_adjoint_for_the_base_without_running_cost(get
     # Away from t = 0 (where the shifted scheme zeroes A_0) they agree to O(h).
     np.testing.assert_allclose(lean[40:], basic[40:], atol=2e-2)
     assert float(jnp.max(jnp.abs(lean[40:] - basic[40:]))) > 1e-5
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_loss_equals_composed_pieces_value_and_gradient(getkey, residual):
+    dim, num_steps = 3, 5
+    fine = qam.nn.VelocityNetwork(2, dim, (16, 16), key=getkey())
+    base = qam.nn.VelocityNetwork(2, dim, (16, 16), key=getkey())
+    obs = jax.random.normal(getkey(), (2,))
+    noise = jax.random.normal(getkey(), (num_steps, dim))
+    c = jax.random.normal(getkey(), (dim,))
+    terminal_fn = lambda a: -2.0 * jax.grad(lambda a_: jnp.sum(jnp.sin(c * a_)))(a)
+
+    def composed(model):
+        traj = qam.memoryless_sde_sample(
+            model, base, obs, noise=noise, num_steps=num_steps, residual=residual
+        )
+        traj = jax.lax.stop_gradient(traj)
+        adjoint = qam.lean_adjoint(base, obs, traj, terminal_fn(traj.action))
+        loss = qam.adjoint_matching_loss(model, base, obs, traj, adjoint, residual=residual)
+        return loss, traj
+
+    def fused(model):
+        return qam.fused_adjoint_matching_loss(
+            model, base, obs, terminal_fn, noise=noise, num_steps=num_steps, residual=residual
+        )
+
+    (l1, t1), g1 = eqx.filter_value_and_grad(composed, has_aux=True)(fine)
+    (l2, t2), g2 = eqx.filter_value_and_grad(fused, has_aux=True)(fine)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    np.testing.assert_allclose(t2.xs, t1.xs, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_does_not_re_evaluate_the_fine_network(getkey):
+    # Count, at run time, how many (t, x) points the fine network is evaluated on while
+    # computing the loss gradient: the composed pipeline evaluates the rollout's K-1 points and
+    # then all K again in the loss (2K - 1); the fused one evaluates each point once (K).
+    num_steps = 4
+    evaluated = []
+
+    class Counted(eqx.Module):
+        weight: jax.Array
+
+        def __call__(self, t, x, obs):
+            jax.debug.callback(lambda x_: evaluated.append(max(1, x_.size // 2)), x)
+            return self.weight @ x + t
+
+    fine = Counted(jax.random.normal(getkey(), (2, 2)))
+    base = lambda t, x, obs: -x
+    noise = jax.random.normal(getkey(), (num_steps, 2))
+
+    def composed(model):
+        traj = qam.memoryless_sde_sample(model, base, None, noise=noise, num_steps=num_steps)
+        traj = jax.lax.stop_gradient(traj)
+        adjoint = qam.lean_adjoint(base, None, traj, -traj.action)
+        return qam.adjoint_matching_loss(model, base, None, traj, adjoint)
+
+    def fused(model):
+        return qam.fused_adjoint_matching_loss(
+            model, base, None, lambda a: -a, noise=noise, num_steps=num_steps
+        )[0]
+
+    def count(f):
+        evaluated.clear()
+        jax.block_until_ready(jax.grad(f)(fine))
+        jax.effects_barrier()
+        return sum(evaluated)
+
+    assert count(composed) == 2 * num_steps - 1
+    assert count(fused) == num_steps

@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._adjoint import adjoint_matching_loss, lean_adjoint
+from .._adjoint import fused_adjoint_matching_loss
 from .._flow import flow_matching_loss, ode_sample
 from .._misc import stop_gradient_tree
-from .._sde import memoryless_sde_sample
 from ..nn import MLP, CriticEnsemble, TanhGaussianPolicy, VelocityNetwork
 from ._common import ChunkBatch, critic_loss, flat_chunk, make_optimizer, polyak_update
 from ._presets import DOMAINS, METHOD_PRESETS, domain_of
@@ -282,27 +281,26 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
     # Adjoint matching: rollout with stored actor_fast, lean adjoint through the base.
     base = state.target_actor_slow if config.target_actor else state.actor_slow
     base = stop_gradient_tree(base)
-    fast_stored = stop_gradient_tree(state.actor_fast)
     reward_critic = stop_gradient_tree(
         state.target_critic if config.use_target_grad else state.critic
     )
 
     def am_one(o, k):
-        traj = memoryless_sde_sample(
-            fast_stored, base, o, key=k, action_dim=state.action_dim,
+        def terminal_adjoint(a):
+            def q_mean(a_):
+                a_ = jnp.clip(a_, -1.0, 1.0) if config.clip_adj else a_
+                return jnp.mean(reward_critic(o, a_))
+
+            return -config.inv_temp * jax.grad(q_mean)(a)
+
+        # Rollout with the stored actor_fast, lean adjoint through the base, AM loss: one pass
+        # that evaluates each network once per point (same value and gradient as composing
+        # memoryless_sde_sample, lean_adjoint and adjoint_matching_loss).
+        loss, _ = fused_adjoint_matching_loss(
+            params.actor_fast, base, o, terminal_adjoint, key=k, action_dim=state.action_dim,
             num_steps=config.flow_steps, residual=config.residual,
         )  # fmt: skip
-        traj = jax.lax.stop_gradient(traj)
-
-        def q_mean(a):
-            a = jnp.clip(a, -1.0, 1.0) if config.clip_adj else a
-            return jnp.mean(reward_critic(o, a))
-
-        terminal = -config.inv_temp * jax.grad(q_mean)(traj.action)
-        adjoint = lean_adjoint(base, o, traj, terminal)
-        return adjoint_matching_loss(
-            params.actor_fast, base, o, traj, adjoint, residual=config.residual
-        )
+        return loss
 
     loss_am = jnp.mean(jax.vmap(am_one)(obs, jax.random.split(keys[2], batch_size)))
     metrics["am_loss"] = loss_am
