@@ -130,6 +130,46 @@ def make_am_grad(num_steps: int, inv_temp: float, counter: dict[str, int]):
     return am_grad
 
 
+def make_am_fused_grad(num_steps: int, inv_temp: float, counter: dict[str, int]):
+    """The same AM gradient through `qam.fused_adjoint_matching_loss` (what the agent trains
+    with): `jax.grad` of the batch mean of the vmapped fused loss, the terminal adjoint computed
+    per example from the frozen critic."""
+    import equinox as eqx
+
+    def am_fused_grad(velocity, base, critic, obs, noise):
+        counter["traces"] += 1
+        return eqx.filter_value_and_grad(am_fused_loss)(
+            velocity, base, critic, obs, noise, num_steps, inv_temp
+        )
+
+    return am_fused_grad
+
+
+def am_fused_loss(velocity, base, critic, obs, noise, num_steps, inv_temp):
+    """Batch mean of `jax.vmap(qam.fused_adjoint_matching_loss)`; differentiable in `velocity`
+    (the critic is frozen, the base is stop-gradiented inside the fused loss)."""
+    import jax
+    import jax.numpy as jnp
+
+    import qam
+
+    critic = _freeze(critic)
+
+    def one(o, n):
+        def terminal_adjoint_fn(a):
+            def reward(a_):
+                return jnp.mean(critic(o, jnp.clip(a_, -1.0, 1.0)))
+
+            return -inv_temp * jax.grad(reward)(a)
+
+        loss, _ = qam.fused_adjoint_matching_loss(
+            velocity, base, o, terminal_adjoint_fn, noise=n, num_steps=num_steps
+        )
+        return loss
+
+    return jnp.mean(jax.vmap(one)(obs, noise))
+
+
 def _bam_reward(critic, obs, action, inv_temp, rho):
     import jax
     import jax.numpy as jnp
@@ -289,6 +329,8 @@ def run_config(nets, args, num_steps, batch, width) -> dict[str, Any]:
 
     am = _counted(make_am_grad, num_steps, args.inv_temp)
     result["am"] = measure(am, inputs, **opts)
+    am_fused = _counted(make_am_fused_grad, num_steps, args.inv_temp)
+    result["am_fused"] = measure(am_fused, inputs, **opts)
     variants = {"qam": ("bptt", bam_loss_qam_rollout), "fused": ("bptt_fused", bam_loss_fused)}
     chosen = ["qam", "fused"] if args.bptt == "both" else [args.bptt]
     for name in chosen:
@@ -322,6 +364,9 @@ def breakdown(inputs, num_steps, args, opts) -> dict[str, Any]:
             )
         )
     )
+    am_fused_fwd = _part(
+        lambda v, b, c, o, n: am_fused_loss(v, b, c, o, n, num_steps, args.inv_temp)
+    )
     bptt_fwd = _part(
         lambda v, b, c, o, n: bam_loss_fused(v, b, c, o, n, num_steps, args.inv_temp, args.rho)
     )
@@ -331,6 +376,7 @@ def breakdown(inputs, num_steps, args, opts) -> dict[str, Any]:
         "lean_adjoint": (lean, (base, obs, trajectory, terminal)),
         "loss_grad": (loss_grad, (velocity, base, obs, trajectory, adjoint)),
         "loss_forward": (loss_fwd, (velocity, base, obs, trajectory, adjoint)),
+        "am_fused_forward": (am_fused_fwd, inputs),
         "bptt_fused_forward": (bptt_fwd, inputs),
     }
     out = {}
@@ -364,9 +410,12 @@ def table(results: list[dict[str, Any]]) -> str:
     headers = ["K", "batch", "width", "AM ms", "BPTT ms", "ratio"]
     fused = any("bptt_fused" in r for r in results)
     has_bptt = any("bptt" in r for r in results)
+    am_fused = any("am_fused" in r for r in results)
     if fused:
         headers += ["BPTT-fused ms", "ratio fused"]
     headers += ["AM compile s", "BPTT compile s", "AM mem MB", "BPTT mem MB", "GFLOP AM/BPTT"]
+    if am_fused:
+        headers += ["AM fused ms", "fused/BPTT ratio", "AM fused MB", "AM fused GFLOP"]
     headers += ["traces AM/BPTT", "recompiles"]
     rows = []
     for r in results:
@@ -389,7 +438,16 @@ def table(results: list[dict[str, Any]]) -> str:
             row += [_ms(bf), bold(f"{am['median_s'] / bf['median_s']:.2f}")]
         row += [f"{am['compile_s']:.2f}", f"{ref['compile_s']:.2f}", _mb(am), _mb(ref)]
         row += [f"{_gflop(am)} / {_gflop(ref)}"]
-        measured = [am] + [r[x] for x in ("bptt", "bptt_fused") if x in r]
+        if am_fused:
+            if "am_fused" in r:
+                af = r["am_fused"]
+                # Against the strongest BPTT baseline measured (the fused one when run).
+                strongest = r.get("bptt_fused", r.get("bptt"))
+                ratio = af["median_s"] / strongest["median_s"]
+                row += [_ms(af), bold(f"{ratio:.2f}"), _mb(af), _gflop(af)]
+            else:
+                row += [""] * 4
+        measured = [am] + [r[x] for x in ("am_fused", "bptt", "bptt_fused") if x in r]
         row += [
             "/".join(str(m["traces"]) for m in measured),
             str(
@@ -406,7 +464,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def parts_table(results: list[dict[str, Any]]) -> str:
     names = ["rollout", "critic_grad", "lean_adjoint", "loss_grad", "loss_forward"]
     headers = ["K", "batch", "width", "AM ms"] + [f"{n} ms" for n in names]
-    headers += ["sum of parts ms", "BPTT-fused fwd ms", "BPTT-fused ms"]
+    headers += ["sum of parts ms", "AM fused fwd ms", "AM fused ms"]
+    headers += ["BPTT-fused fwd ms", "BPTT-fused ms"]
     rows = []
     for r in results:
         if "am_parts" not in r:
@@ -415,7 +474,10 @@ def parts_table(results: list[dict[str, Any]]) -> str:
         row = [r["num_steps"], r["batch"], r["width"], f"{1e3 * r['am']['median_s']:.1f}"]
         row += [f"{1e3 * p[n]['median_s']:.1f}" for n in names]
         total = sum(p[n]["median_s"] for n in names[:4])
-        row += [f"{1e3 * total:.1f}", f"{1e3 * p['bptt_fused_forward']['median_s']:.1f}"]
+        row += [f"{1e3 * total:.1f}"]
+        row += [f"{1e3 * p['am_fused_forward']['median_s']:.1f}" if "am_fused_forward" in p else ""]
+        row += [f"{1e3 * r['am_fused']['median_s']:.1f}" if "am_fused" in r else ""]
+        row += [f"{1e3 * p['bptt_fused_forward']['median_s']:.1f}"]
         row += [f"{1e3 * r['bptt_fused']['median_s']:.1f}" if "bptt_fused" in r else ""]
         rows.append(row)
     return _common.markdown_table(headers, rows) if rows else ""
@@ -568,7 +630,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "```",
             "",
             "Times: median ± half the inter-quartile range over repeats. Memory: XLA's static "
-            "peak estimate (arguments + outputs + temporaries). Ratio: AM / BPTT time.",
+            "peak estimate (arguments + outputs + temporaries). Ratio: AM (composed) / BPTT "
+            "time; fused/BPTT ratio: AM fused / BPTT-fused time (the strongest baseline).",
             "",
             table(results),
         ]

@@ -254,43 +254,75 @@ def compile_fn(fn, example_args, donate: bool) -> tuple[Any, dict[str, Any]]:
     }
 
 
-def run_stateful(compiled, dynamic, rest_fn, args: argparse.Namespace) -> tuple[dict, Any]:
-    """Call `compiled(state, *rest_fn(i))` repeatedly, feeding the (donated) state back;
-    one untimed warm-up call first. Returns the timing summary and the final state."""
-    holder = {"state": dynamic, "i": 0}
+class Stateful:
+    """`compiled(state, *rest_fn(i))` as a zero-argument call that feeds the (donated) state
+    back, so that every call is one more real step."""
 
-    def call():
-        holder["i"] += 1
-        state, out = compiled(holder["state"], *rest_fn(holder["i"]))
-        holder["state"] = state
-        return state, out
+    def __init__(self, compiled, dynamic, rest_fn):
+        self.compiled, self.state, self.rest_fn, self.i = compiled, dynamic, rest_fn, 0
 
-    _common.block(call())  # warm-up (first-call allocations)
+    def __call__(self):
+        self.i += 1
+        self.state, out = self.compiled(self.state, *self.rest_fn(self.i))
+        return self.state, out
+
+
+class MatmulProbe:
+    """The machine's float32 matrix-multiply rate: a jitted `n x n @ n x n`, `2 n^3 / t`."""
+
+    def __init__(self, n: int):
+        import jax
+        import jax.numpy as jnp
+
+        ka, kb = jax.random.split(jax.random.PRNGKey(0))
+        self.n, self.flops = n, 2.0 * n**3
+        self.a = jax.random.normal(ka, (n, n), jnp.float32)
+        self.b = jax.random.normal(kb, (n, n), jnp.float32)
+        self.f = jax.jit(lambda x, y: x @ y)
+        _common.block(self.f(self.a, self.b))
+
+    def __call__(self):
+        return self.f(self.a, self.b)
+
+
+def interleaved(calls: dict[str, Any], probe: MatmulProbe, args) -> dict[str, dict[str, Any]]:
+    """Time every call of `calls` (one untimed warm-up each), round-robin with `--probe-calls`
+    matmul-probe calls per round, for `--repeats` rounds at most (at least `--min-repeats`,
+    stopping once `--max-seconds` have been spent). On a shared machine the load drifts;
+    interleaving compares each call with the matmul rate (and with each other) under the same
+    load. Returns a timing summary per name, and `"matmul"` with its `gflops_per_s`."""
+    for fn in calls.values():
+        _common.block(fn())
+    times: dict[str, list[float]] = {name: [] for name in [*calls, "matmul"]}
+    spent = 0.0
+    for i in range(max(args.repeats, 1)):
+        for _ in range(args.probe_calls):
+            start = time.perf_counter()
+            _common.block(probe())
+            times["matmul"].append(time.perf_counter() - start)
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            _common.block(fn())
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            spent += elapsed
+        if i + 1 >= args.min_repeats and spent >= args.max_seconds:
+            break
+    out = {name: _common.summarize(t) for name, t in times.items()}
+    out["matmul"]["gflops_per_s"] = probe.flops / out["matmul"]["median_s"] / 1e9
+    return out
+
+
+def matmul_rate(probe: MatmulProbe, args: argparse.Namespace) -> dict[str, Any]:
+    """A standalone measurement of the probe's rate (median of at least 10 calls)."""
     timing = _common.time_calls(
-        call, repeats=args.repeats, min_repeats=args.min_repeats, max_seconds=args.max_seconds
+        probe, repeats=max(args.repeats, 10), min_repeats=3, max_seconds=10.0
     )
-    return timing, holder["state"]
-
-
-def matmul_rate(n: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The machine's float32 matrix-multiply rate: median of a jitted `n x n @ n x n`."""
-    import jax
-    import jax.numpy as jnp
-
-    ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (n, n), jnp.float32)
-    b = jax.random.normal(kb, (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    _common.block(f(a, b))
-    timing = _common.time_calls(
-        lambda: f(a, b), repeats=max(args.repeats, 10), min_repeats=3, max_seconds=10.0
-    )
-    flops = 2.0 * n**3
     return {
         **timing,
-        "size": n,
-        "flops": flops,
-        "gflops_per_s": flops / timing["median_s"] / 1e9,
+        "size": probe.n,
+        "flops": probe.flops,
+        "gflops_per_s": probe.flops / timing["median_s"] / 1e9,
     }
 
 
@@ -300,7 +332,11 @@ def _rate(flops, steps_per_s, peak) -> float | None:
     return flops * steps_per_s / peak
 
 
-def bench_variant(variant: str, num_seeds: int, args, dataset, peak) -> dict[str, Any]:
+def _gflop(flops, per=1):
+    return flops / per / 1e9 if flops is not None else None
+
+
+def bench_variant(variant: str, num_seeds: int, args, dataset, probe) -> dict[str, Any]:
     import equinox as eqx
     import jax
 
@@ -315,50 +351,51 @@ def bench_variant(variant: str, num_seeds: int, args, dataset, peak) -> dict[str
     )
     row: dict[str, Any] = {"variant": variant, "seeds": num_seeds}
 
-    # Bare update.
+    # Bare update on a fixed batch.
     update = make_update_fn(static, num_seeds)
-    compiled, cost = compile_fn(update, (dynamic, batches, step_keys(0)), args.donate)
-    timing, dynamic = run_stateful(compiled, dynamic, lambda i: (batches, step_keys(i)), args)
-    per_call = timing.pop("median_s")
-    steps_per_s = num_seeds / per_call
-    per_step_flops = {
-        k: (v / num_seeds if v is not None else None)
-        for k, v in (("xla", cost["xla_flops"]), ("matmul", cost["matmul_flops"]))
-    }
-    row["update"] = {
-        "compile_s": cost["compile_s"],
-        "median_s": per_call,
-        **timing,
-        "steps_per_s": steps_per_s,
-        "gflop": per_step_flops["matmul"] / 1e9 if per_step_flops["matmul"] is not None else None,
-        "xla_gflop": per_step_flops["xla"] / 1e9 if per_step_flops["xla"] is not None else None,
-        "peak_estimate_bytes": cost["peak_estimate_bytes"],
-    }
-    row["update"]["fraction_of_matmul"] = _rate(per_step_flops["matmul"], steps_per_s, peak)
-    row["update"]["fraction_of_matmul_xla_count"] = _rate(per_step_flops["xla"], steps_per_s, peak)
-    del compiled
+    compiled_u, cost_u = compile_fn(update, (dynamic, batches, step_keys(0)), args.donate)
+    calls = {"update": Stateful(compiled_u, dynamic, lambda i: (batches, step_keys(i)))}
 
-    # Offline loop: N x (sample + update) in one jitted scan.
+    # Offline loop: N x (sample + update) in one jitted scan, on its own copy of the state.
     if args.loop_steps > 0:
+        import jax.numpy as jnp
+
         ds_dynamic, ds_static = eqx.partition(dataset, eqx.is_array)
         loop = make_loop_fn(static, num_seeds, ds_static, config, args.batch, args.loop_steps)
-        compiled, cost = compile_fn(loop, (dynamic, ds_dynamic, step_keys(0)), args.donate)
-        timing, dynamic = run_stateful(
-            compiled, dynamic, lambda i: (ds_dynamic, step_keys(i)), args
-        )
-        per_call = timing.pop("median_s")
-        loop_rate = num_seeds * args.loop_steps / per_call
+        loop_state = jax.tree_util.tree_map(jnp.copy, dynamic)
+        compiled_l, cost_l = compile_fn(loop, (loop_state, ds_dynamic, step_keys(0)), args.donate)
+        calls["loop"] = Stateful(compiled_l, loop_state, lambda i: (ds_dynamic, step_keys(i)))
+
+    timings = interleaved(calls, probe, args)
+    peak = probe.flops / timings["matmul"]["median_s"]
+    row["matmul_gflops_per_s"] = timings["matmul"]["gflops_per_s"]
+    timing = timings["update"]
+    steps_per_s = num_seeds / timing["median_s"]
+    flops = cost_u["matmul_flops"]
+    row["update"] = {
+        "compile_s": cost_u["compile_s"],
+        **timing,
+        "steps_per_s": steps_per_s,
+        "gflop": _gflop(flops, num_seeds),
+        "xla_gflop": _gflop(cost_u["xla_flops"], num_seeds),
+        "peak_estimate_bytes": cost_u["peak_estimate_bytes"],
+        "fraction_of_matmul": _rate(_gflop(flops, num_seeds), steps_per_s, peak / 1e9),
+        "fraction_of_matmul_xla_count": _rate(
+            _gflop(cost_u["xla_flops"], num_seeds), steps_per_s, peak / 1e9
+        ),
+    }
+    if args.loop_steps > 0:
+        timing = timings["loop"]
+        loop_rate = num_seeds * args.loop_steps / timing["median_s"]
         row["loop"] = {
             "steps": args.loop_steps,
-            "compile_s": cost["compile_s"],
-            "median_s": per_call,
+            "compile_s": cost_l["compile_s"],
             **timing,
             "steps_per_s": loop_rate,
             "ratio_to_update": loop_rate / steps_per_s,
-            "fraction_of_matmul": _rate(per_step_flops["matmul"], loop_rate, peak),
+            "fraction_of_matmul": _rate(_gflop(flops, num_seeds), loop_rate, peak / 1e9),
         }
-        del compiled
-    jax.block_until_ready(dynamic)
+    jax.block_until_ready([c.state for c in calls.values()])
     return row
 
 
@@ -366,7 +403,7 @@ def bench_variant(variant: str, num_seeds: int, args, dataset, peak) -> dict[str
 # Per-part breakdown of one `qam` update (single seed)
 
 
-def breakdown(args, dataset, peak) -> list[dict[str, Any]]:
+def breakdown(args, dataset, probe) -> list[dict[str, Any]]:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -481,22 +518,22 @@ def breakdown(args, dataset, peak) -> list[dict[str, Any]]:
             return fn(eqx.combine(dyn, static), batch, k)
 
         compiled, cost = compile_fn(f, (dynamic, batch, key), donate=False)
-        _common.block(compiled(dynamic, batch, key))
-        timing = _common.time_calls(
-            lambda compiled=compiled: compiled(dynamic, batch, key),
-            repeats=args.repeats,
-            min_repeats=args.min_repeats,
-            max_seconds=args.max_seconds,
+        timings = interleaved(
+            {"part": lambda compiled=compiled: compiled(dynamic, batch, key)}, probe, args
         )
+        timing = timings["part"]
         flops = cost["matmul_flops"]
         rows.append(
             {
                 "part": name,
                 "compile_s": cost["compile_s"],
                 **timing,
-                "gflop": flops / 1e9 if flops is not None else None,
-                "xla_gflop": cost["xla_flops"] / 1e9 if cost["xla_flops"] else None,
-                "fraction_of_matmul": _rate(flops, 1.0 / timing["median_s"], peak),
+                "gflop": _gflop(flops),
+                "xla_gflop": _gflop(cost["xla_flops"]),
+                "matmul_gflops_per_s": timings["matmul"]["gflops_per_s"],
+                "fraction_of_matmul": _rate(
+                    _gflop(flops), 1.0 / timing["median_s"], timings["matmul"]["gflops_per_s"]
+                ),
             }
         )
         print(f"  breakdown: {parts_table(rows[-1:]).splitlines()[-1]}", flush=True)
@@ -525,6 +562,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "GFLOP/step",
         "XLA GFLOP/step",
         "% of matmul",
+        "matmul GFLOP/s",
         "compile s",
         "loop steps/s",
         "loop / update",
@@ -550,6 +588,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 _f(u["gflop"]),
                 _f(u["xla_gflop"]),
                 _pct(u["fraction_of_matmul"]),
+                _f(r.get("matmul_gflops_per_s"), "{:.1f}"),
                 _f(u["compile_s"], "{:.1f}"),
                 _f(lp["steps_per_s"] if lp else None),
                 _f(lp["ratio_to_update"] if lp else None, "{:.2f}"),
@@ -561,7 +600,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def parts_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["part", "ms", "GFLOP", "XLA GFLOP", "% of matmul", "compile s"]
+    headers = ["part", "ms", "GFLOP", "XLA GFLOP", "% of matmul", "matmul GFLOP/s", "compile s"]
     out = [
         [
             r["part"],
@@ -569,6 +608,7 @@ def parts_table(rows: list[dict[str, Any]]) -> str:
             _f(r["gflop"]),
             _f(r["xla_gflop"]),
             _pct(r["fraction_of_matmul"]),
+            _f(r.get("matmul_gflops_per_s"), "{:.1f}"),
             _f(r["compile_s"], "{:.1f}"),
         ]
         for r in rows
@@ -582,7 +622,7 @@ def targets(rows, mm, backend: str) -> list[str]:
         u, lp = r["update"], r.get("loop")
         tag = f"{r['variant']} x{r['seeds']}"
         if u["gflop"] is not None and r["seeds"] == 1:
-            lines.append(f"- {tag}: {u['gflop']:.1f} GFLOP per update (paper estimate ~61)")
+            lines.append(f"- {tag}: {u['gflop']:.3g} GFLOP per update (paper estimate ~61)")
         if u["fraction_of_matmul"] is not None:
             ok = u["fraction_of_matmul"] >= TARGET_FRACTION
             lines.append(
@@ -662,18 +702,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--episode-length", type=int, default=1000, help="episode length of the synthetic dataset"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (max)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (max)")
     parser.add_argument(
-        "--min-repeats", type=int, default=2, help="timed calls per measurement (min)"
+        "--min-repeats", type=int, default=2, help="timed rounds per measurement (min)"
     )
     parser.add_argument(
         "--max-seconds",
         type=float,
-        default=20.0,
-        help="stop repeating a measurement once its calls took this long (after --min-repeats)",
+        default=45.0,
+        help="stop a measurement once its timed calls took this long (after --min-repeats); "
+        "a round of a variant calls the update once and the N-step loop once",
     )
     parser.add_argument(
         "--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul-rate probe"
+    )
+    parser.add_argument(
+        "--probe-calls",
+        type=int,
+        default=2,
+        help="matmul-probe calls before each round of timed calls (the '%% of matmul' of a row "
+        "uses the probe's median rate over that row's rounds, as the machine may be shared)",
     )
     parser.add_argument(
         "--breakdown",
@@ -753,8 +801,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     ctx = _quiet_donation()
     try:
-        mm = matmul_rate(args.matmul_size, args)
-        peak = mm["flops"] / mm["median_s"]
+        probe = MatmulProbe(args.matmul_size)
+        mm = matmul_rate(probe, args)
         print(
             f"matmul  : {args.matmul_size}^3 float32 in {1e3 * mm['median_s']:.2f} ms "
             f"-> {mm['gflops_per_s']:.1f} GFLOP/s (median of {mm['n']})",
@@ -804,13 +852,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant in args.variants:
             for num_seeds in args.seeds:
                 start = time.perf_counter()
-                row = bench_variant(variant, num_seeds, args, dataset, peak)
+                row = bench_variant(variant, num_seeds, args, dataset, probe)
                 row["wall_s"] = time.perf_counter() - start
                 rows.append(row)
                 print(f"[{row['wall_s']:.0f}s] {table([row]).splitlines()[-1]}", flush=True)
                 save()
         if args.breakdown:
-            parts.extend(breakdown(args, dataset, peak))
+            parts.extend(breakdown(args, dataset, probe))
         save()
     finally:
         ctx.__exit__(None, None, None)

@@ -24,6 +24,7 @@ import jax
 
 from qam import data as qd
 from qam.agents import QAMConfig, domain_of
+from qam.logging import atomic_write_text
 from qam.train import AGENTS, RunConfig, Trainer
 
 
@@ -50,10 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--env", default=DEFAULT_ENV,
-                   help=f"OGBench single-task name (default: {DEFAULT_ENV}).")
-    p.add_argument("--agent", default="qam-edit", choices=sorted(AGENTS),
-                   help="method to train (default: qam-edit).")
+    p.add_argument(
+        "--env", default=DEFAULT_ENV, help=f"OGBench single-task name (default: {DEFAULT_ENV})."
+    )
+    p.add_argument(
+        "--agent",
+        default="qam-edit",
+        choices=sorted(AGENTS),
+        help="method to train (default: qam-edit).",
+    )
     p.add_argument("--preset", default="small", choices=["small", "paper"],
                    help="`paper`: the paper's full configuration for the env's domain (4x512 "
                         "networks, 10 critics, 1M+500K steps); `small`: a CPU-sized run "
@@ -66,20 +72,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--online-steps", type=int, help="online environment steps.")
     p.add_argument("--eval-episodes", type=int, help="evaluation episodes per seed.")
     p.add_argument("--eval-interval", type=int, help="steps between evaluations.")
-    p.add_argument("--log-interval", type=int,
-                   help="steps between log rows (= offline updates per jitted call).")
+    p.add_argument(
+        "--log-interval",
+        type=int,
+        help="steps between log rows (= offline updates per jitted call).",
+    )
     p.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints.")
     p.add_argument("--batch-size", type=int, help="batch size.")
     p.add_argument("--start-training", type=int, help="online steps before updates start.")
     p.add_argument("--utd", type=int, default=1, help="updates per online env step.")
     p.add_argument("--buffer-size", type=int, default=1_000_000, help="replay capacity.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="seeds trained together in one program (vmapped).")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="seeds trained together in one program (vmapped).",
+    )
     p.add_argument("--out", default=None, help="output directory (default: runs/<env>/<agent>).")
-    p.add_argument("--sparse", choices=["auto", "yes", "no"], default="auto",
-                   help="the paper's sparse reward transform (auto: on for scene and puzzle).")
-    p.add_argument("--max-episode-steps", type=int, default=None,
-                   help="cap episode length (online and evaluation).")
+    p.add_argument(
+        "--sparse",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="the paper's sparse reward transform (auto: on for scene and puzzle).",
+    )
+    p.add_argument(
+        "--max-episode-steps",
+        type=int,
+        default=None,
+        help="cap episode length (online and evaluation).",
+    )
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard.")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases.")
     p.add_argument("--no-progress", action="store_true", help="no progress bar.")
@@ -235,10 +257,7 @@ def _checkpoint_step(out_dir: str) -> int | None:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -173,10 +173,11 @@ def adjoint_matching_loss(
     """The adjoint matching loss of QAM on one trajectory (QAM_SPEC §1.5).
 
     ```
-    r_i = 2 (v(t_i, X_i) - v_B(t_i, X_i)) / sigma_i + sigma_i A_i       (residual: 2 v / sigma_i + sigma_i A_i)
-    L   = sum_{i=0}^{K-1} || r_i ||^2                                   (sum over steps and dims; no h)
+    r_i = 2 (v(t_i, X_i) - v_B(t_i, X_i)) / sigma_i + sigma_i A_i
+    L   = sum_{i=0}^{K-1} || r_i ||^2          (sum over steps and dims; no factor h)
     ```
-    with `sigma_i^2 = 2 (1 - t_i + h) / (t_i + h)` and the networks at the unshifted `t_i`. Its
+    (in residual mode `r_i = 2 v(t_i, X_i) / sigma_i + sigma_i A_i`), with
+    `sigma_i^2 = 2 (1 - t_i + h) / (t_i + h)` and the networks at the unshifted `t_i`. Its
     pointwise minimiser is `v(t_i, x) = v_B(t_i, x) - (sigma_i^2 / 2) E[A_i | X_i = x]`, the
     velocity of the reward-tilted flow in the continuous limit.
 

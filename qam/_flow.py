@@ -105,5 +105,3 @@ def ode_sample(
         assert sol.ys is not None
         x1 = sol.ys[0]
     return jnp.clip(x1, -1.0, 1.0) if clip else x1
-
-

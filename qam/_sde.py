@@ -90,7 +90,9 @@ def _resolve_noise(
                 "the noise; got action_dim=None."
             )
         if not isinstance(action_dim, int) or action_dim < 1:
-            raise ValueError(f"`{name}(..., action_dim=...)` must be a positive int; got {action_dim!r}.")
+            raise ValueError(
+                f"`{name}(..., action_dim=...)` must be a positive int; got {action_dim!r}."
+            )
         return jax.random.normal(key, (num_rows, action_dim))
     if key is not None:
         raise ValueError(f"`{name}` takes `key=` or `noise=`, not both.")

@@ -64,7 +64,8 @@ def td_loss(
     if q_values.ndim != 1 or next_q_values.ndim != 1:
         raise ValueError(
             "`td_loss(q_values=..., next_q_values=...)` must both have shape (ensemble,); got "
-            f"{tuple(q_values.shape)} and {tuple(next_q_values.shape)}. For a batch, use `jax.vmap`."
+            f"{tuple(q_values.shape)} and {tuple(next_q_values.shape)}. "
+            "For a batch, use `jax.vmap`."
         )
     for name, value in (("reward", reward), ("discount", discount)):
         if jnp.ndim(value) != 0:
@@ -72,6 +73,6 @@ def td_loss(
                 f"`td_loss(..., {name}=...)` must be a scalar; got shape {jnp.shape(value)}."
             )
     next_value = jax.lax.stop_gradient(pessimistic_value(next_q_values, rho=rho))
-    target = jax.lax.stop_gradient(reward + discount * next_value)
+    target = jax.lax.stop_gradient(jnp.asarray(reward) + jnp.asarray(discount) * next_value)
     td_error = q_values - target
     return jnp.mean(td_error**2), TDAux(target=target, next_value=next_value, td_error=td_error)

@@ -151,7 +151,7 @@ def to_python(value: Any) -> Any:
         return _scalar(value)
     if isinstance(value, np.ndarray):
         if value.ndim == 0:
-            return _scalar(value[()])
+            return _scalar(value[()])  # pyright: ignore[reportArgumentType]
         return [to_python(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): to_python(v) for k, v in value.items()}

@@ -97,7 +97,9 @@ class VelocityNetwork(eqx.Module):
         layer_norm: bool = False,
         key: PRNGKeyArray,
     ):
-        self.mlp = MLP(obs_dim + action_dim + 1, action_dim, hidden_sizes, layer_norm=layer_norm, key=key)
+        self.mlp = MLP(
+            obs_dim + action_dim + 1, action_dim, hidden_sizes, layer_norm=layer_norm, key=key
+        )
 
     def __call__(
         self, t: Float[ArrayLike, ""], x: Float[Array, " action"], obs: Float[Array, " obs"]

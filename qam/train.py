@@ -23,6 +23,7 @@ import numpy as np
 from . import data as qd
 from .agents import qam as qam_agent
 from .agents._common import ChunkBatch
+from .logging import atomic_write_text
 
 
 AGENTS: dict[str, Any] = {"qam": qam_agent, "qam-fql": qam_agent, "qam-edit": qam_agent}
@@ -206,7 +207,8 @@ class Trainer:
             raise ValueError(
                 f"the checkpoint in {directory} was written by a different configuration; use "
                 "another `--out` directory or delete the old one.\n"
-                f"  checkpoint: {meta.get('run')}\n  this run:   {_run_signature(self.run, self.config)}"
+                f"  checkpoint: {meta.get('run')}\n"
+                f"  this run:   {_run_signature(self.run, self.config)}"
             )
         buffers_like = self._new_buffers() if meta["phase_buffers"] else None
         path = os.path.join(directory, meta["file"])
@@ -398,12 +400,7 @@ def _run_signature(run: RunConfig, config: Any) -> dict[str, Any]:
 
 
 def _atomic_json(path: str, payload: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload))
 
 
 def _episode_seed(seed: int, episode: int) -> int:

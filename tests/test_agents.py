@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import qam
-from qam.agents import ChunkBatch, QAMConfig, critic_loss
-from qam.agents import qam as agent
+from qam.agents import ChunkBatch, QAMConfig, critic_loss, qam as agent
 
 
 pytestmark = pytest.mark.standard_promotion
@@ -37,6 +36,14 @@ def _batch(key):
     )
 
 
+def _assert_trees_close(a, b):
+    a_leaves = jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array))
+    b_leaves = jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array))
+    assert len(a_leaves) == len(b_leaves)
+    for x, y in zip(a_leaves, b_leaves):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
 def _changed(a, b):
     leaves = zip(jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array)),
                  jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array)))  # fmt: skip
@@ -55,9 +62,7 @@ def test_update_changes_the_right_networks_and_is_deterministic(variant, getkey)
         assert _changed(getattr(state, name), getattr(new, name)), name
     # Targets move from the pre-update online parameters: tau * online + (1 - tau) * target,
     # and the first target equals the online network, so the target does not move at step 1.
-    for x, y in zip(jax.tree.leaves(eqx.filter(state.target_critic, eqx.is_inexact_array)),
-                    jax.tree.leaves(eqx.filter(new.target_critic, eqx.is_inexact_array))):  # fmt: skip
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    _assert_trees_close(state.target_critic, new.target_critic)
     assert int(new.step) == 1
     assert (new.one_step is not None) == (variant == "qam-fql")
     assert (new.edit is not None) == (variant == "qam-edit")
@@ -75,9 +80,7 @@ def test_update_changes_the_right_networks_and_is_deterministic(variant, getkey)
         eqx.filter(new.critic, eqx.is_inexact_array),
         eqx.filter(new.target_critic, eqx.is_inexact_array),
     )
-    for x, y in zip(jax.tree.leaves(expected),
-                    jax.tree.leaves(eqx.filter(newer.target_critic, eqx.is_inexact_array))):  # fmt: skip
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    _assert_trees_close(expected, newer.target_critic)
 
 
 def test_each_loss_moves_only_its_network(getkey):
@@ -95,8 +98,9 @@ def test_each_loss_moves_only_its_network(getkey):
         )(dynamic)
 
     def moved(grads):
-        return {name for name in ("critic", "actor_slow", "actor_fast", "edit", "log_alpha")
-                if any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(getattr(grads, name)))}  # fmt: skip
+        names = ("critic", "actor_slow", "actor_fast", "edit", "log_alpha")
+        nonzero = lambda tree: any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(tree))
+        return {name for name in names if nonzero(getattr(grads, name))}
 
     assert moved(grads_of("critic_loss")) == {"critic"}
     assert moved(grads_of("flow_loss")) == {"actor_slow"}

@@ -38,9 +38,7 @@ def test_every_public_function_under_jit_and_vmap(nets, getkey, transform):
     fine, base = nets
     obs = jax.random.normal(getkey(), (B, OBS))
     keys = jax.random.split(getkey(), B)
-    reference = [
-        _am_pipeline(fine, base, obs[b], keys[b]) for b in range(B)
-    ]
+    reference = [_am_pipeline(fine, base, obs[b], keys[b]) for b in range(B)]
     reference = jax.tree.map(lambda *xs: jnp.stack(xs), *reference)
     run = functools.partial(_am_pipeline, fine, base)
     if transform == "jit":

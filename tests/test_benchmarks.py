@@ -1,8 +1,9 @@
 """The benchmark harness (`benchmarks/adjoint_step.py`) runs and reports sensibly.
 
 Only the harness is checked (tiny sizes, no timings asserted): the script's `--help`, a `--quick`
-run in a subprocess with its JSON and markdown output, and that the two BPTT baselines compute
-the same loss and gradient as `qam.basic_adjoint`'s definition (same rollout, same loss).
+run in a subprocess with its JSON and markdown output, that the two BPTT baselines compute
+the same loss and gradient as `qam.basic_adjoint`'s definition (same rollout, same loss), and
+that the fused AM gradient (`qam.fused_adjoint_matching_loss`) equals the composed one.
 """
 
 import json
@@ -58,7 +59,7 @@ def test_quick_run_writes_results(tmp_path):
     assert set(rows) == {1, 2}
     assert "n/a" in rows[1]["note"]  # K = 1 is reported, not run
     row = rows[2]
-    for method in ("am", "bptt", "bptt_fused"):
+    for method in ("am", "am_fused", "bptt", "bptt_fused"):
         m = row[method]
         assert m["n"] >= 1 and m["median_s"] > 0 and m["compile_s"] > 0
         assert m["traces"] == 1  # traced once, reused by every call
@@ -69,6 +70,9 @@ def test_quick_run_writes_results(tmp_path):
 
     md = out.with_suffix(".md").read_text()
     assert "| K | batch | width | AM ms | BPTT ms | ratio |" in md
+    for column in ("AM fused ms", "fused/BPTT ratio", "AM fused MB", "AM fused GFLOP"):
+        assert f"| {column} |" in md
+    assert "| 1/1/1/1 | 0 |" in md  # AM, AM fused and both BPTT variants traced once each
     assert "n/a (K>=2 required)" in md
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # atomic writes
 
@@ -156,3 +160,34 @@ def test_am_gradient_matches_parts(getkey):
     assert jnp.allclose(loss, expected_loss, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected_grads)):
         assert jnp.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_steps", [2, 4])
+def test_am_fused_matches_composed(getkey, num_steps):
+    """In the benchmark's setting (critic ensemble, clipped actions, batch vmap), the fused AM
+    gradient gives the composed gradient's loss and gradient."""
+    bench = _load_module()
+    obs_dim, action_dim, batch, hidden = 3, 2, 5, (8, 8)
+    velocity = qam.nn.VelocityNetwork(obs_dim, action_dim, hidden, key=getkey())
+    base = qam.nn.VelocityNetwork(obs_dim, action_dim, hidden, key=getkey())
+    critic = qam.nn.CriticEnsemble(obs_dim, action_dim, hidden, num_critics=3, key=getkey())
+    obs = jax.random.normal(getkey(), (batch, obs_dim))
+    # Scaled so that some terminal actions leave [-1, 1] and the clip matters.
+    noise = 2.0 * jax.random.normal(getkey(), (batch, num_steps, action_dim))
+    args = (velocity, base, critic, obs, noise)
+
+    counters = {"traces": 0}, {"traces": 0}
+    composed = eqx.filter_jit(bench.make_am_grad(num_steps, 1.5, counters[0]))
+    fused = eqx.filter_jit(bench.make_am_fused_grad(num_steps, 1.5, counters[1]))
+    loss_c, grad_c = composed(*args)
+    loss_f, grad_f = fused(*args)
+    assert counters == ({"traces": 1}, {"traces": 1})
+    assert jnp.isfinite(loss_f) and loss_f > 0
+    assert jnp.allclose(loss_c, loss_f, rtol=1e-5, atol=1e-6)
+    leaves_c, leaves_f = jax.tree_util.tree_leaves(grad_c), jax.tree_util.tree_leaves(grad_f)
+    assert len(leaves_c) == len(leaves_f) > 0
+    assert jax.tree_util.tree_structure(grad_c) == jax.tree_util.tree_structure(grad_f)
+    for a, b in zip(leaves_c, leaves_f):
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The gradient is not trivially zero (both paths would then agree vacuously).
+    assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in leaves_f)

@@ -104,7 +104,9 @@ def test_critic_ensemble_members_are_independent(getkey):
     assert q.shape == (5,)
     assert len(np.unique(np.round(np.asarray(q), 6))) == 5
     for e in range(5):
-        member = jax.tree.map(lambda leaf: leaf[e] if eqx.is_array(leaf) else leaf, critic.members)
+        member = jax.tree.map(
+            lambda leaf, e=e: leaf[e] if eqx.is_array(leaf) else leaf, critic.members
+        )
         np.testing.assert_allclose(q[e], member(jnp.concatenate([obs, act]))[0], rtol=1e-5)
     with pytest.raises(ValueError, match="num_critics"):
         qam.nn.CriticEnsemble(4, 2, (16,), num_critics=0, key=getkey())

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxtyping import TypeCheckError
 from helpers import gaussian_m, gaussian_velocity
+from jaxtyping import TypeCheckError
 
 import qam
 
@@ -131,7 +131,11 @@ def _zero(t, x, obs):
         (dict(action_dim=2), ValueError, "either `key=` or `noise=`"),
         (dict(key=jax.random.PRNGKey(0)), ValueError, "needs `action_dim=`"),
         (dict(key=jax.random.PRNGKey(0), action_dim=0), ValueError, "positive int"),
-        (dict(noise=jnp.zeros((3, 2)), num_steps=4), ValueError, r"shape \(num_steps, action_dim\)"),
+        (
+            dict(noise=jnp.zeros((3, 2)), num_steps=4),
+            ValueError,
+            r"shape \(num_steps, action_dim\)",
+        ),
         (dict(noise=jnp.zeros((4, 2)), num_steps=4, action_dim=3), ValueError, "`action_dim=3`"),
         (
             dict(noise=jnp.zeros((4, 2)), key=jax.random.PRNGKey(0), num_steps=4),

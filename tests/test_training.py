@@ -56,7 +56,9 @@ def _train(s2, inv_temp, *, key, steps=1500, batch=256):
             updates, opt_state = optimiser.update(grads, opt_state)
             return (optax.apply_updates(params, updates), opt_state), None
 
-        (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), jax.random.split(key, steps))
+        (params, opt_state), _ = jax.lax.scan(
+            step, (params, opt_state), jax.random.split(key, steps)
+        )
         return eqx.combine(params, static)
 
     return run(fine, opt_state, train_key), base

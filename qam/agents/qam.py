@@ -316,8 +316,9 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
             )
         )
         if config.fql_alpha > 0:
-            assert params.one_step is not None
-            one_step = jax.vmap(lambda o, z_: params.one_step(jnp.concatenate([o, z_])))(obs, z)
+            one_step_policy = params.one_step
+            assert one_step_policy is not None
+            one_step = jax.vmap(lambda o, z_: one_step_policy(jnp.concatenate([o, z_])))(obs, z)
             loss_distill = jnp.mean((flow_actions - one_step) ** 2)
             q_os = jax.vmap(critic_stored)(obs, jnp.clip(one_step, -1.0, 1.0))
             loss_q = -jnp.mean(q_os)
@@ -370,7 +371,7 @@ def update(
     grads, metrics = jax.grad(loss_fn, has_aux=True)(dynamic)
     optimizer = make_optimizer(config.learning_rate, clip_grad=config.clip_grad)
     updates, opt_state = optimizer.update(grads, state.opt_state, dynamic)
-    new = eqx.combine(optax.apply_updates(dynamic, updates), static)
+    new: _Trainable = eqx.combine(optax.apply_updates(dynamic, updates), static)  # pyright: ignore[reportAssignmentType]
     metrics["grad_norm"] = optax.global_norm(grads)
     return (
         QAMState(

@@ -118,7 +118,7 @@ def _make_oracles(
     from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle
     from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle
 
-    plan = dict(noise=noise, noise_smoothing=smoothing)
+    plan: dict[str, Any] = dict(noise=noise, noise_smoothing=smoothing)
     if env_name.startswith("cube"):
         if oracle == "markov":
             return {"cube": CubeMarkovOracle(env=env, min_norm=min_norm)}
@@ -259,7 +259,7 @@ def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> str:
     try:
         _chmod_default(tmp)
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, **arrays)  # pyright: ignore[reportArgumentType]
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
