@@ -6,6 +6,11 @@ What is measured, per configuration (flow steps K, batch B, network width W):
   held fixed, the terminal adjoint `A_K = -inv_temp * grad_a mean_e Q_e(s, clip(a, -1, 1))`,
   `jax.vmap(qam.lean_adjoint)`, then `eqx.filter_value_and_grad` of the batch mean of
   `jax.vmap(qam.adjoint_matching_loss)` with respect to the fine velocity.
+- **AM fused** (the headline AM number; what the agent trains with): `jax.grad` of the batch
+  mean of `jax.vmap(qam.fused_adjoint_matching_loss)` with, per example,
+  `terminal_adjoint_fn = lambda a: -inv_temp * grad_a mean_e Q_e(s, clip(a, -1, 1))`. Same loss
+  and gradient as AM (checked by the tests), but every network is evaluated once per point: the
+  rollout's `v(t_i, X_i)` are the ones differentiated, where AM re-evaluates them in the loss.
 - **BPTT** (BAM's gradient, QAM_SPEC §2): the loss
   `-inv_temp * mean_b[mean_e Q_e - rho std_e Q_e](X_K) + mean_b sum_{i<K-1} C_i`, with
   `C_i = 2 ||v(t_i, X_i) - v_B(t_i, X_i)||^2 / sigma_i^2`, differentiated through the rollout
@@ -28,7 +33,8 @@ executable; on GPU also the allocator's measured process peak in the JSON), XLA'
 and how many times each function was traced and how many XLA compilations happened during the
 timed calls (should be 1 and 0: nothing recompiles between calls with the same shapes).
 `--breakdown` also times the four parts of the AM gradient (rollout, critic gradient, lean
-adjoint, loss gradient), each jitted on its own, and the BPTT forward pass alone.
+adjoint, loss gradient), each jitted on its own, the fused AM loss value alone and the BPTT
+forward pass alone.
 
 K = 1 is reported as "n/a": the memoryless scheme needs at least one noisy step before its final
 deterministic step (`num_steps >= 2`).
@@ -488,9 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adjoint_step.py",
         description=(
             "Time and peak memory of one QAM adjoint-matching gradient (rollout + lean adjoint "
-            "+ loss + gradient) against one BPTT gradient through the same rollout (BAM's "
-            "loss), over flow steps K, batch size and network width. Prints the machine, "
-            "device and versions, writes JSON and a markdown table."
+            "+ loss + gradient; composed and fused) against one BPTT gradient through the same "
+            "rollout (BAM's loss), over flow steps K, batch size and network width. Prints the "
+            "machine, device and versions, writes JSON and a markdown table."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -554,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--breakdown",
         action="store_true",
         help="also time the AM parts (rollout, critic gradient, lean adjoint, loss gradient, "
-        "loss forward) and the BPTT forward pass, each jitted on its own",
+        "loss forward), the fused AM loss forward and the BPTT forward pass, each jitted on its "
+        "own",
     )
     parser.add_argument(
         "--breakdown-only-target",

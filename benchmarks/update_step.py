@@ -40,9 +40,9 @@ gradient, the adjoint-matching gradient (SDE rollout, terminal critic gradient, 
 AM loss gradient) and the optimiser (clip + Adam + Polyak), each with its FLOPs and matmul-rate
 fraction: where the time goes.
 
-Defaults: on CPU one seed only (8 vmapped seeds of the paper configuration take ~10 s a step on
-2 cores; ask with `--seeds 1 8`), on GPU `--seeds 1 8`. A default CPU run of all three variants
-takes a few minutes on 2 cores (compile time is a large part of it).
+Defaults: on CPU one seed only (8 vmapped paper-size seeds should take about 8x one seed's
+~1.2 s a step on 2 cores, not measured; ask with `--seeds 1 8`), on GPU `--seeds 1 8`. A default
+CPU run of all three variants with `--breakdown` took 7 minutes on 2 shared cores.
 `--quick` runs tiny networks (for the tests). Results go to
 `benchmarks/results/update_step_<device>.json` and `.md` (atomic writes);
 `python benchmarks/update_step.py --help` lists the options.
