@@ -1,7 +1,7 @@
 """Train a QAM-family agent on an OGBench task, offline then online.
 
 With no arguments it runs a small embedded default that finishes on a 2-core CPU in minutes:
-it generates (once, then reuses) a small cube-double dataset with OGBench's scripted oracles,
+it generates (once, then reuses) a small cube-single dataset with OGBench's scripted oracles,
 trains a small QAM-EDIT offline then online, evaluates it and the behaviour-cloning flow, and
 writes logs (CSV, JSONL), checkpoints, a learning-curve PNG and a summary to `--out`.
 
@@ -19,16 +19,17 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import jax
 
 from qam import data as qd
-from qam.agents import QAMConfig, domain_of
+from qam.agents import QAMConfig
 from qam.logging import atomic_write_text
 from qam.train import AGENTS, RunConfig, Trainer
 
 
-DEFAULT_ENV = "cube-double-play-singletask-task1-v0"
+DEFAULT_ENV = "cube-single-play-singletask-task1-v0"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "qam", "datasets")
 
 # The CPU demo: small networks, a short run; the paper's values are `--preset paper`.
@@ -36,7 +37,7 @@ SMALL = dict(
     actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10,
 )  # fmt: skip
 SMALL_RUN = dict(
-    offline_steps=3_000, online_steps=2_000, eval_episodes=5, eval_interval=1_000,
+    offline_steps=3_000, online_steps=1_000, eval_episodes=10, eval_interval=1_000,
     log_interval=250, batch_size=128, start_training=250, checkpoint_interval=1_000,
     max_episode_steps=None,
 )  # fmt: skip
@@ -44,7 +45,7 @@ PAPER_RUN = dict(
     offline_steps=1_000_000, online_steps=500_000, eval_episodes=50, eval_interval=50_000,
     log_interval=1_000, batch_size=256, start_training=5_000, checkpoint_interval=50_000,
 )  # fmt: skip
-DEMO_DATA = dict(episodes=60, max_episode_steps=250)
+DEMO_DATA = dict(env="cube-single-v0", episodes=100, max_episode_steps=200)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,18 +139,11 @@ def build_configs(args: argparse.Namespace) -> tuple[RunConfig, QAMConfig]:
     for name in ("actor_hidden", "critic_hidden"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
-    try:
-        domain_of(args.env)
-        base = {}
-    except ValueError:
-        if args.preset == "paper":
-            raise
-        base = {}
     if args.preset == "paper":
         agent_config = QAMConfig.paper(args.agent, args.env, **overrides)
     else:
         variant = {"qam": {}, "qam-fql": dict(fql_alpha=30.0), "qam-edit": dict(edit_scale=0.1)}
-        small = dict(SMALL, inv_temp=1.0, **variant[args.agent], **base)
+        small = dict(SMALL, inv_temp=1.0, **variant[args.agent])
         small.update(overrides)
         agent_config = QAMConfig(**small)
     run_defaults = PAPER_RUN if args.preset == "paper" else SMALL_RUN
@@ -187,7 +181,7 @@ def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
         print(f"Generating a small {parsed.dataset_name} dataset into {DEFAULT_CACHE} "
               "(once; reused afterwards) ...")  # fmt: skip
         qd.generate_dataset(
-            "cube-double-v0", "play", num_episodes=DEMO_DATA["episodes"], out_dir=DEFAULT_CACHE,
+            DEMO_DATA["env"], "play", num_episodes=DEMO_DATA["episodes"], out_dir=DEFAULT_CACHE,
             seed=0, max_episode_steps=DEMO_DATA["max_episode_steps"],
         )  # fmt: skip
     return DEFAULT_CACHE
@@ -195,6 +189,8 @@ def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    # gymnasium warns on every OGBench env creation about float64 -> float32 box bounds.
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
     try:
         dataset_dir = ensure_demo_dataset(args)
         args.dataset_dir = dataset_dir
@@ -209,24 +205,33 @@ def main(argv: list[str] | None = None) -> dict:
     config_record = {"run": dataclasses.asdict(run), "agent": dataclasses.asdict(agent_config)}
     with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=args.tensorboard,
                      wandb=args.wandb, config=config_record) as logger:  # fmt: skip
-        total = run.offline_steps + run.online_steps
-        bar = qlog.ProgressBar(total=total, initial=resume_step or 0, disable=args.no_progress)
+        bar = None
         last = [resume_step or 0]
 
         def progress(step, info):
-            bar.update(step - last[0], **_postfix(info))
+            if bar is not None:
+                bar.update(step - last[0], **_postfix(info))
             last[0] = step
 
-        trainer = Trainer(
-            run, agent_config, log=lambda s, m, prefix: logger.log(s, m, prefix=prefix),
-            progress=progress,
-        )  # fmt: skip
+        try:
+            trainer = Trainer(
+                run, agent_config, log=lambda s, m, prefix: logger.log(s, m, prefix=prefix),
+                progress=progress,
+            )  # fmt: skip
+        except (FileNotFoundError, ValueError) as error:
+            sys.exit(f"error: {error}")
         _write_json(os.path.join(run.out_dir, "dataset.json"), trainer.data.info.to_dict())
         _write_json(os.path.join(run.out_dir, "config.json"), config_record)
         if resume_step:
             print(f"Resuming from step {resume_step} in {run.out_dir}")
-        result = trainer.train()
-        bar.close()
+        total = run.offline_steps + run.online_steps
+        bar = qlog.ProgressBar(total=total, initial=resume_step or 0, disable=args.no_progress)
+        try:
+            result = trainer.train()
+        except FloatingPointError as error:
+            sys.exit(f"error: {error}")
+        finally:
+            bar.close()
     plot = os.path.join(run.out_dir, "learning_curve.png")
     qlog.plot_learning_curve(os.path.join(run.out_dir, "eval.csv"), plot, task=run.env_name,
                              method=run.agent, offline_steps=run.offline_steps)  # fmt: skip

@@ -25,3 +25,16 @@ def getkey():
         return jax.random.PRNGKey(next(counter))
 
     return _getkey
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory):
+    """A tiny cube-double `play` dataset generated with OGBench's oracles (3 short episodes)."""
+    import qam.data as qd
+
+    directory = tmp_path_factory.mktemp("data")
+    qd.generate_dataset(
+        "cube-double-v0", "play", num_episodes=3, out_dir=directory, seed=0,
+        max_episode_steps=40, progress=False,
+    )  # fmt: skip
+    return str(directory)

@@ -5,7 +5,6 @@ import jax
 import numpy as np
 import pytest
 
-import qam.data as qd
 from qam.agents import QAMConfig
 from qam.train import RunConfig, Trainer
 
@@ -19,14 +18,9 @@ CONFIG = QAMConfig(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    qd.generate_dataset(
-        "cube-double-v0", "play", num_episodes=3, out_dir=directory, seed=0,
-        max_episode_steps=40, progress=False,
-    )  # fmt: skip
-    return str(directory)
+@pytest.fixture
+def dataset_dir(tiny_dataset_dir):
+    return tiny_dataset_dir
 
 
 def _run(dataset_dir, out_dir, **kw):
