@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._misc import check_num_steps, stop_gradient_tree
-from ._sde import SDETrajectory, _resolve_noise, memoryless_sigma, time_grid
+from ._sde import SDETrajectory, _resolve_noise, memoryless_sigma, memoryless_step, time_grid
 from ._types import Obs, Scalar, VelocityField
 
 
@@ -255,16 +255,13 @@ def fused_adjoint_matching_loss(
         return v if residual else v - base(t, x, obs)
 
     def step(x, inputs):
-        t, sigma, xi = inputs
+        t, xi = inputs
         x = jax.lax.stop_gradient(x)
         v = velocity(t, x, obs)  # differentiable in the velocity's parameters only
         drift_v = jax.lax.stop_gradient(v + base(t, x, obs) if residual else v)
-        x_next = x + h * (2.0 * drift_v - x / (t + h)) + jnp.sqrt(h) * sigma * xi
-        return x_next, (x, control(v, x, t))
+        return memoryless_step(x, drift_v, t, h, xi), (x, control(v, x, t))
 
-    x_last, (xs, controls) = jax.lax.scan(
-        step, noise[0], (ts[: num_steps - 1], sigmas[: num_steps - 1], noise[1:])
-    )
+    x_last, (xs, controls) = jax.lax.scan(step, noise[0], (ts[: num_steps - 1], noise[1:]))
     x_last = jax.lax.stop_gradient(x_last)
     t_last = ts[num_steps - 1]
     v_base_last = base(t_last, x_last, obs)

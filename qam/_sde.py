@@ -69,6 +69,12 @@ def memoryless_sigma(
     return jnp.sqrt(2.0 * (1.0 - t + step_size) / (t + step_size))
 
 
+def memoryless_step(x: Array, v: Array, t: Array, h: float, xi: Array) -> Array:
+    """One noisy step of the reference scheme:
+    `x + h (2 v - x / (t + h)) + sqrt(h) sigma(t) xi` with the shifted `sigma` above."""
+    return x + h * (2.0 * v - x / (t + h)) + jnp.sqrt(h) * memoryless_sigma(t, h) * xi
+
+
 def time_grid(num_steps: int, dtype: jnp.dtype = jnp.float32) -> Float[Array, " points"]:
     """The flow-time grid `t_i = i / K`, `i = 0 .. K` (shape `(K + 1,)`)."""
     return jnp.arange(num_steps + 1, dtype=dtype) / num_steps
@@ -176,8 +182,7 @@ def memoryless_sde_sample(
 
         def step(x, inputs):
             t, xi = inputs
-            v = drift_velocity(t, x)
-            x_next = x + h * (2.0 * v - x / (t + h)) + jnp.sqrt(h) * memoryless_sigma(t, h) * xi
+            x_next = memoryless_step(x, drift_velocity(t, x), t, h, xi)
             return x_next, x_next
 
         x_last, xs_noisy = jax.lax.scan(step, x0, (ts[: num_steps - 1], noise[1:]))

@@ -441,7 +441,17 @@ def load_ogbench(
         del raw
     train = datasets[0]
     val = datasets[1] if load_val else None
-    info = DatasetInfo(
+    info = _dataset_info(
+        env_name, parsed, sparse, action_clip_eps, directory, source, paths,
+        num_train=train.size, num_val=0 if val is None else val.size,
+    )  # fmt: skip
+    return OGBenchData(env=env if make_env else None, train=train, val=val, info=info)
+
+
+def _dataset_info(
+    env_name, parsed, sparse, action_clip_eps, directory, source, paths, **counts
+) -> DatasetInfo:
+    return DatasetInfo(
         env_name=env_name,
         env_id=parsed.env_id,
         dataset_name=parsed.dataset_name,
@@ -454,10 +464,8 @@ def load_ogbench(
         dataset_dir=directory,
         dataset_dir_source=source,
         files=tuple(_file_record(p) for p in paths),
-        num_train=train.size,
-        num_val=0 if val is None else val.size,
+        **counts,
     )
-    return OGBenchData(env=env if make_env else None, train=train, val=val, info=info)
 
 
 def _make_env_for(env_name: str) -> Any:
@@ -537,24 +545,10 @@ def _shard_iterator(env_name, parsed, shards, directory, sparse, action_clip_eps
             raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps)
             dataset = dataset_from_numpy(raw, name=os.path.basename(path))
             del raw
-            info = DatasetInfo(
-                env_name=env_name,
-                env_id=parsed.env_id,
-                dataset_name=parsed.dataset_name,
-                dataset_type=parsed.dataset_type,
-                task_id=parsed.task_id,
-                ogbench_version=ogbench_version(),
-                reward=reward_definition(env_name, sparse=sparse),
-                sparse=sparse,
-                action_clip_eps=action_clip_eps,
-                dataset_dir=directory,
-                dataset_dir_source="shard_dir argument",
-                files=(_file_record(path),),
-                num_train=dataset.size,
-                num_val=0,
-                shard_index=i,
-                num_shards=len(shards),
-            )
+            info = _dataset_info(
+                env_name, parsed, sparse, action_clip_eps, directory, "shard_dir argument",
+                [path], num_train=dataset.size, num_val=0, shard_index=i, num_shards=len(shards),
+            )  # fmt: skip
             yield dataset, info
             del dataset
         if not cycle:
