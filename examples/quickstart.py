@@ -83,9 +83,9 @@ def train(loss_fn, model, data_fn, *, steps, learning_rate, key):
         params, opt_state = carry
         batch_key, loss_key = jax.random.split(step_key)
         batch = data_fn(eqx.combine(params, static), batch_key)
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(eqx.combine(p, static), batch, loss_key))(
-            params
-        )
+        loss, grads = jax.value_and_grad(
+            lambda p: loss_fn(eqx.combine(p, static), batch, loss_key)
+        )(params)
         updates, opt_state = optimiser.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -192,7 +192,7 @@ def save_plot(path, behaviour, base_actions, fine_actions, tilted_means):
                 arrowprops=dict(arrowstyle="->"))  # fmt: skip
     ax.text(0.02, -0.68, "∇Q", fontsize=9)
     ax.set(xlim=(-1, 1), ylim=(-0.8, 0.8), aspect="equal",
-           title=f"QAM quickstart: Q(a) = cᵀa, c = {tuple(Q_DIRECTION.tolist())}, λ = {INV_TEMP}")  # fmt: skip
+           title=f"QAM quickstart: Q(a) = cᵀa, c = {_c()}, λ = {INV_TEMP}")  # fmt: skip
     ax.legend(fontsize=7, loc="upper left", markerscale=2)
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as f:
@@ -206,6 +206,10 @@ def print_table(rows):
     for name, (weights, means) in rows.items():
         cells = "  ".join(f"({m[0]:+.3f}, {m[1]:+.3f})" for m in means)
         print(f"{name:26s}  {weights[0]:8.3f}  {weights[1]:8.3f}  {cells}")
+
+
+def _c() -> tuple:
+    return tuple(Q_DIRECTION.tolist())
 
 
 def main(argv=None):
@@ -236,7 +240,7 @@ def main(argv=None):
         "analytic tilt (predicted)": (tilted_weights, tilted_means),
         "fine-tuned flow (achieved)": mode_stats(fine_actions),
     }
-    print(f"\nQ(a) = cᵀa with c = {tuple(Q_DIRECTION.tolist())}, λ = {INV_TEMP}; modes by nearest mean:")
+    print(f"\nQ(a) = cᵀa with c = {_c()}, λ = {INV_TEMP}; modes by nearest mean:")
     print_table(rows)
     print(f"(With K = {NUM_FLOW_STEPS} flow steps the learned policy under-tilts relative to the "
           "analytic target, QAM_SPEC §6.3;\n raise NUM_FLOW_STEPS to close the gap.)")  # fmt: skip
