@@ -71,12 +71,18 @@ class RunConfig:
                 )
 
 
-def _seed_key(seed: int, step: int, stream: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), step)
+def _seed_key(seed: int, stream: int, *path: int) -> jax.Array:
+    """The key of `seed` for one use: a `stream` (0 offline, 1 online acting, 2 evaluation,
+    3 BC evaluation, 4 online updates) and a path of counters (step, episode, ...), each folded
+    in separately so no counter can overflow."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+    for counter in path:
+        key = jax.random.fold_in(key, counter)
+    return key
 
 
-def _keys(seeds: tuple[int, ...], step: int, stream: int) -> jax.Array:
-    return jnp.stack([_seed_key(s, step, stream) for s in seeds])
+def _keys(seeds: tuple[int, ...], stream: int, *path: int) -> jax.Array:
+    return jnp.stack([_seed_key(s, stream, *path) for s in seeds])
 
 
 def _to_host(tree: Any) -> dict[str, np.ndarray]:
@@ -150,7 +156,7 @@ class Trainer:
             t = 0
             while not done.all():
                 if any(not q for q, d in zip(queues, done) if not d):
-                    keys = _keys(run.seeds, step * 100_000 + episode * 10_000 + t, stream)
+                    keys = _keys(run.seeds, stream, step, episode, t)
                     chunks = np.asarray(self._act_all(policy_states, jnp.asarray(obs), keys))
                     for i, q in enumerate(queues):
                         if not q:
@@ -240,7 +246,7 @@ class Trainer:
         while step < offline_end:
             n = min(run.log_interval, offline_end - step)
             self.states, metrics = self._offline_chunk(
-                self.states, _keys(run.seeds, step, 0), self.dataset, n
+                self.states, _keys(run.seeds, 0, step), self.dataset, n
             )
             step += n
             metrics = _to_host(metrics)
@@ -297,7 +303,7 @@ class Trainer:
             t = step - offline_end
             if any(not q for q in queues):
                 chunks = np.asarray(self._act_all(self.states, jnp.asarray(np.stack(obs)),
-                                                  _keys(run.seeds, step, 1)))  # fmt: skip
+                                                  _keys(run.seeds, 1, step)))  # fmt: skip
                 for i, q in enumerate(queues):
                     if not q:
                         q.extend(chunks[i].reshape(-1, self.action_dim))
@@ -320,7 +326,7 @@ class Trainer:
             buffers = _add_all(buffers, stacked)
             if t >= run.start_training:
                 self.states, metrics = self._online_updates(
-                    self.states, buffers, _keys(run.seeds, step, 4)
+                    self.states, buffers, _keys(run.seeds, 4, step)
                 )
             for i, done in enumerate(ended):
                 if done:
