@@ -101,3 +101,28 @@ def test_bad_run_settings_fail_before_work(kwargs, match):
 def test_missing_dataset_fails_at_once(tmp_path):
     with pytest.raises(FileNotFoundError, match="cube-double-play-v0.npz"):
         Trainer(_run(str(tmp_path), tmp_path / "out"), CONFIG, log=lambda *a: None)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset_dir, tmp_path, monkeypatch):
+    import json
+
+    import jax.numpy as jnp
+
+    import qam.train as train
+
+    real = train._offline_chunk
+    calls = []
+
+    def poisoned(states, keys, dataset, n, **kw):
+        states, metrics = real(states, keys, dataset, n, **kw)
+        calls.append(n)
+        if len(calls) == 2:
+            metrics = dict(metrics, critic_loss=jnp.full_like(metrics["critic_loss"], jnp.nan))
+        return states, metrics
+
+    monkeypatch.setattr(train, "_offline_chunk", poisoned)
+    run = _run(dataset_dir, tmp_path, online_steps=0)
+    with pytest.raises(FloatingPointError, match="non-finite critic_loss at step 16"):
+        Trainer(run, CONFIG, log=lambda *a: None).train()
+    latest = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 8
