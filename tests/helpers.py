@@ -49,3 +49,22 @@ def discrete_mean_shift(s2, inv_temp_c, num_steps):
             prod *= 1.0 + h * gaussian_m(j * h, s2)
         shift += h * control * prod
     return float(shift)
+
+
+def load_script(path, name):
+    """Import a script that is not in a package (`examples/`, `benchmarks/`) from its path,
+    with its own folder on `sys.path` while it loads (for sibling imports like `_common`)."""
+    import importlib.util
+    import os
+    import sys
+
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module

@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import load_script
 
 import qam
 
@@ -78,17 +79,7 @@ def test_quick_run_writes_results(tmp_path):
 
 
 def _load_module():
-    import importlib.util
-
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        spec = importlib.util.spec_from_file_location("adjoint_step_bench", SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
-    return module
+    return load_script(SCRIPT, "adjoint_step_bench")
 
 
 @pytest.mark.parametrize("num_steps", [3])

@@ -1,10 +1,10 @@
 """`examples/offline_to_online.py` end to end on a tiny generated dataset."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
+from helpers import load_script
 
 
 pytestmark = pytest.mark.standard_promotion
@@ -12,11 +12,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "offline_to_
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("offline_to_online", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "offline_to_online")
 
 
 TINY = [

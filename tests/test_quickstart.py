@@ -1,11 +1,11 @@
 """Smoke test of examples/quickstart.py: a reduced run writes the PNG and tilts the fine-tuned
 flow toward the favoured mode."""
 
-import importlib.util
 import pathlib
 
 import jax
 import optax
+from helpers import load_script
 
 
 _ADAM = optax.adam
@@ -14,11 +14,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.
 
 def _load_quickstart():
     # examples/ is not a package: load the script from its path.
-    spec = importlib.util.spec_from_file_location("qam_examples_quickstart", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "qam_examples_quickstart")
 
 
 def _adam_with_standard_promotion(learning_rate):

@@ -5,12 +5,11 @@ optimisation level 0; no timings asserted): `--help` documents the options, and 
 run of `main` writes a JSON and a markdown file with positive numbers.
 """
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
+from helpers import load_script
 
 import qam
 
@@ -20,15 +19,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "update_step.py")
 
 
 def _load_module():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        spec = importlib.util.spec_from_file_location("update_step_bench", SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
-    return module
+    return load_script(SCRIPT, "update_step_bench")
 
 
 def test_help_documents_every_option():
