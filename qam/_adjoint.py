@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._misc import check_num_steps, stop_gradient_tree
-from ._sde import SDETrajectory, _resolve_noise, memoryless_sigma, memoryless_step, time_grid
+from ._misc import stop_gradient_tree
+from ._sde import SDETrajectory, _prepare_rollout, memoryless_sigma, memoryless_step
 from ._types import Obs, Scalar, VelocityField
 
 
@@ -243,12 +243,9 @@ def fused_adjoint_matching_loss(
 
     **Returns:** `(loss, trajectory)`; gradients flow only into `velocity`.
     """
-    name = "fused_adjoint_matching_loss"
-    check_num_steps(name, num_steps)
-    noise = _resolve_noise(name, key, noise, action_dim, num_steps)
-    h = 1.0 / num_steps
-    ts = time_grid(num_steps, noise.dtype)
-    base = stop_gradient_tree(base_velocity)
+    noise, h, ts, base = _prepare_rollout(
+        "fused_adjoint_matching_loss", key, noise, action_dim, num_steps, base_velocity
+    )
     sigmas = memoryless_sigma(ts[:-1], h)
 
     def control(v, x, t):

@@ -115,6 +115,15 @@ def _resolve_noise(
     return noise
 
 
+def _prepare_rollout(name, key, noise, action_dim, num_steps, base_velocity):
+    """Shared argument checks and set-up of the memoryless rollouts: the `(K, D)` noise, the
+    step `h = 1 / K`, the grid `t_0 .. t_K` and the frozen base velocity."""
+    check_num_steps(name, num_steps)
+    noise = _resolve_noise(name, key, noise, action_dim, num_steps)
+    ts = time_grid(num_steps, noise.dtype)
+    return noise, 1.0 / num_steps, ts, stop_gradient_tree(base_velocity)
+
+
 def memoryless_sde_sample(
     velocity: VelocityField,
     base_velocity: VelocityField,
@@ -166,12 +175,9 @@ def memoryless_sde_sample(
 
     Batch over observations with `jax.vmap` (bind keyword arguments with `functools.partial`).
     """
-    name = "memoryless_sde_sample"
-    check_num_steps(name, num_steps)
-    noise = _resolve_noise(name, key, noise, action_dim, num_steps)
-    h = 1.0 / num_steps
-    ts = time_grid(num_steps, noise.dtype)
-    base = stop_gradient_tree(base_velocity)
+    noise, h, ts, base = _prepare_rollout(
+        "memoryless_sde_sample", key, noise, action_dim, num_steps, base_velocity
+    )
 
     def drift_velocity(t, x):
         v = velocity(t, x, obs)
