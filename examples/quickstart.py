@@ -175,30 +175,38 @@ def mode_stats(actions):
     return weights, means
 
 
-def save_plot(path, behaviour, base_actions, fine_actions, tilted_means):
-    """Step 6: base vs fine-tuned samples, written atomically to `path` (PNG)."""
+def save_plot(path, base_actions, fine_actions, rows):
+    """Step 6: base vs fine-tuned samples side by side, written atomically to `path` (PNG)."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter(*behaviour[:1000].T, s=3, c="lightgray", label="behaviour data")
-    ax.scatter(*base_actions.T, s=4, alpha=0.5, label="base flow")
-    ax.scatter(*fine_actions.T, s=4, alpha=0.5, label="after adjoint matching")
-    ax.scatter(*MODE_MEANS.T, marker="x", s=80, c="k", label="behaviour means")
-    ax.scatter(*tilted_means.T, marker="*", s=120, c="r", label="analytic tilted means")
-    ax.annotate("", xytext=(0.0, -0.6), xy=tuple(np.array([0.0, -0.6]) + 0.3 * Q_DIRECTION),
-                arrowprops=dict(arrowstyle="->"))  # fmt: skip
-    ax.text(0.02, -0.68, "∇Q", fontsize=9)
-    ax.set(xlim=(-1, 1), ylim=(-0.8, 0.8), aspect="equal",
-           title=f"QAM quickstart: Q(a) = cᵀa, c = {_c()}, λ = {INV_TEMP}")  # fmt: skip
-    ax.legend(fontsize=7, loc="upper left", markerscale=2)
+    tilted_means = rows["analytic tilt (predicted)"][1]
+    panels = [("base flow", base_actions, rows["base flow (ODE)"][0], "tab:blue"),
+              ("after adjoint matching", fine_actions, rows["fine-tuned flow (achieved)"][0],
+               "tab:orange")]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (name, actions, weights, colour) in zip(axes, panels):
+        ax.scatter(*actions.T, s=3, alpha=0.4, c=colour)
+        ax.scatter(*MODE_MEANS.T, marker="x", s=60, c="k", label="behaviour means")
+        ax.scatter(*tilted_means.T, marker="*", s=120, c="r", label="analytic tilted means")
+        ax.annotate("", xytext=(-0.15, -0.6), xy=(0.15, -0.51), arrowprops=dict(arrowstyle="->"))
+        ax.text(-0.05, -0.72, "∇Q")
+        ax.set(xlim=(-1, 1), ylim=(-0.8, 0.8), aspect="equal",
+               title=f"{name}: mode weights {weights[0]:.2f} / {weights[1]:.2f}")  # fmt: skip
+    axes[0].legend(loc="upper left", fontsize=8)
+    analytic = rows["analytic tilt (predicted)"][0]
+    fig.suptitle(f"QAM quickstart: Q(a) = cᵀa, c = {_c()}, λ = {INV_TEMP}; "
+                 f"analytic mode weights {analytic[0]:.2f} / {analytic[1]:.2f}")  # fmt: skip
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(f.name, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # the temporary file was private (0600)
+    os.replace(f.name, path)  # atomic: readers never see a half-written PNG
 
 
 def print_table(rows):
@@ -213,8 +221,10 @@ def _c() -> tuple:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
     parser.add_argument("--steps", type=int, default=800, help="adjoint matching steps")
     parser.add_argument("--bc-steps", type=int, default=3000, help="behaviour-cloning steps")
     parser.add_argument("--samples", type=int, default=4000, help="samples for the table")
@@ -245,7 +255,7 @@ def main(argv=None):
     print(f"(With K = {NUM_FLOW_STEPS} flow steps the learned policy under-tilts relative to the "
           "analytic target, QAM_SPEC §6.3;\n raise NUM_FLOW_STEPS to close the gap.)")  # fmt: skip
 
-    save_plot(args.out, np.asarray(behaviour), base_actions, fine_actions, tilted_means)
+    save_plot(args.out, base_actions, fine_actions, rows)
     print(f"\nsaved {args.out}; elapsed {time.perf_counter() - start:.1f} s")
     return {name: {"weights": w, "means": m} for name, (w, m) in rows.items()}
 
