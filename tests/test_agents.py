@@ -121,8 +121,8 @@ def test_act_returns_chunks_in_the_box(variant, getkey):
 
 
 def test_critic_loss_hand_computed(getkey):
-    # Two-member "critic" with known outputs; target y = R_{H-1} + gamma^H mask (mean - rho std).
-    critic = lambda o, a: jnp.array([1.0, 3.0]) + jnp.sum(a)
+    # Known Q-values of a two-member critic; target y = R_{H-1} + gamma^H mask (mean - rho std).
+    q = jnp.array([[1.0, 3.0], [1.0, 3.0]])  # Q_e(s_b, a_b) of a two-member critic
     batch = ChunkBatch(
         observations=jnp.zeros((2, 1)),
         actions=jnp.zeros((2, 2, 1)),
@@ -132,7 +132,7 @@ def test_critic_loss_hand_computed(getkey):
         next_observations=jnp.zeros((2, 2, 1)),
     )
     next_q = jnp.array([[2.0, 4.0], [10.0, 10.0]])  # mean 3, std 1; mean 10, std 0
-    loss, metrics = critic_loss(critic, batch, next_q, discount=0.9, rho=0.5, chunked=True)
+    loss, metrics = critic_loss(q, batch, next_q, discount=0.9, rho=0.5)
     y0 = -1.9 + 0.81 * (3.0 - 0.5)
     y1 = -0.5  # mask 0 cuts the bootstrap
     expected = ((1 - y0) ** 2 + (3 - y0) ** 2 + (1 - y1) ** 2 + (3 - y1) ** 2) / 4

@@ -141,3 +141,14 @@ def test_tanh_gaussian_policy_sampling_statistics(getkey):
     assert bool(jnp.all(jnp.abs(jnp.mean(pre, 0) - mean) < 4 * se))
     assert log_probs.shape == (20_000,)
     np.testing.assert_allclose(policy.mode(x), jnp.tanh(mean))
+
+
+def test_critic_ensemble_batched_equals_vmapped_call(getkey):
+    critic = qam.nn.CriticEnsemble(4, 3, (16, 16), num_critics=5, key=getkey())
+    obs, act = jax.random.normal(getkey(), (7, 4)), jax.random.normal(getkey(), (7, 3))
+    np.testing.assert_allclose(
+        critic.batched(obs, act), jax.vmap(critic)(obs, act), rtol=1e-5, atol=1e-6
+    )
+    g1 = jax.grad(lambda a: jnp.sum(critic.batched(obs, a) ** 2))(act)
+    g2 = jax.grad(lambda a: jnp.sum(jax.vmap(critic)(obs, a) ** 2))(act)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)

@@ -56,13 +56,12 @@ def flat_chunk(actions: Float[Array, "batch horizon action"], *, chunked: bool) 
 
 
 def critic_loss(
-    critic: Any,
+    q: Float[Array, "batch ensemble"],
     batch: ChunkBatch,
     next_q: Float[Array, "batch ensemble"],
     *,
     discount: float,
     rho: float,
-    chunked: bool,
 ) -> tuple[Array, dict[str, Array]]:
     """The chunked TD loss of QAM_SPEC §3.2, averaged over the batch:
 
@@ -70,11 +69,11 @@ def critic_loss(
     y = R_{H-1} + gamma^H * mask_{H-1} * (mean_e q'_e - rho * std_e q'_e)
     L = (1 / (E B)) sum_b valid_{b,H-1} sum_e (Q_e(s_b, a_chunk_b) - y_b)^2
     ```
-    `next_q` are the target critics at `(next_obs_{H-1}, a')` with `a'` from the current policy.
+    `q` are the online critics at `(s, a_chunk)` (flatten the chunk with `flat_chunk`; gradients
+    flow through `q`) and `next_q` the target critics at `(next_obs_{H-1}, a')` with `a'` from the
+    current policy.
     """
     horizon = batch.rewards.shape[1]
-    actions = flat_chunk(batch.actions, chunked=chunked)
-    q = jax.vmap(critic)(batch.observations, actions)
     bootstrap = (discount**horizon) * batch.masks[:, -1]
     losses, aux = jax.vmap(lambda q_, r, d, nq: td_loss(q_, r, d, nq, rho=rho))(
         q, batch.rewards[:, -1], bootstrap, next_q

@@ -262,11 +262,11 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
     next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
         next_obs, jax.random.split(keys[0], batch_size)
     )
-    next_q = jax.vmap(state.target_critic)(next_obs, next_actions)
+    next_q = state.target_critic.batched(next_obs, next_actions)
+    q = params.critic.batched(obs, flat_chunk(batch.actions, chunked=config.action_chunking))
     loss_critic, critic_metrics = critic_loss(
-        params.critic, batch, jax.lax.stop_gradient(next_q),
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+        q, batch, jax.lax.stop_gradient(next_q), discount=config.discount, rho=config.rho
+    )
     metrics.update(critic_metrics)
 
     # Behaviour-cloning flow, weighted by the last valid flag.
@@ -320,7 +320,7 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
             assert one_step_policy is not None
             one_step = jax.vmap(lambda o, z_: one_step_policy(jnp.concatenate([o, z_])))(obs, z)
             loss_distill = jnp.mean((flow_actions - one_step) ** 2)
-            q_os = jax.vmap(critic_stored)(obs, jnp.clip(one_step, -1.0, 1.0))
+            q_os = critic_stored.batched(obs, jnp.clip(one_step, -1.0, 1.0))
             loss_q = -jnp.mean(q_os)
             total = total + loss_q + config.fql_alpha * loss_distill
             metrics.update(distill_loss=loss_distill, one_step_q=-loss_q)
@@ -331,7 +331,7 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
                     params.edit, o, a, edit_scale=config.edit_scale, key=k
                 )
             )(obs, flow_actions, jax.random.split(keys[4], batch_size))
-            loss_edit_q = -jnp.mean(jax.vmap(critic_stored)(obs, edited))
+            loss_edit_q = -jnp.mean(critic_stored.batched(obs, edited))
             alpha_stored = jnp.exp(jax.lax.stop_gradient(params.log_alpha))
             loss_entropy = jnp.mean(alpha_stored * log_prob)
             target_entropy = (
