@@ -26,7 +26,7 @@ import jax
 from qam import data as qd
 from qam.agents import QAMConfig
 from qam.logging import atomic_write_text
-from qam.train import AGENTS, RunConfig, Trainer
+from qam.train import AGENTS, RunConfig, Trainer, latest_checkpoint_step
 
 
 DEFAULT_ENV = "cube-single-play-singletask-task1-v0"
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     from qam import logging as qlog
 
     os.makedirs(run.out_dir, exist_ok=True)
-    resume_step = _checkpoint_step(run.out_dir)
+    resume_step = latest_checkpoint_step(run.out_dir)
     start = time.time()
     config_record = {"run": dataclasses.asdict(run), "agent": dataclasses.asdict(agent_config)}
     with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=args.tensorboard,
@@ -251,14 +251,6 @@ def _postfix(info: dict) -> dict:
     if "critic_loss" in info:
         out["critic"] = float(jax.numpy.mean(info["critic_loss"]))
     return out
-
-
-def _checkpoint_step(out_dir: str) -> int | None:
-    latest = os.path.join(out_dir, "checkpoints", "latest.json")
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        return int(json.load(f)["step"])
 
 
 def _write_json(path: str, payload: dict) -> None:

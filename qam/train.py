@@ -106,9 +106,8 @@ class Trainer:
         self.agent = AGENTS[run.agent]
         self.log = log
         self.progress = progress or (lambda step, info: None)
-        sparse = run.sparse
         self.data = qd.load_ogbench(
-            run.env_name, dataset_dir=run.dataset_dir, sparse=sparse, load_val=False
+            run.env_name, dataset_dir=run.dataset_dir, sparse=run.sparse, load_val=False
         )
         self.dataset = self.data.train
         if self.dataset.size < agent_config.horizon:
@@ -116,7 +115,7 @@ class Trainer:
                 f"the dataset has {self.dataset.size} transitions, fewer than the action chunk "
                 f"length `horizon={agent_config.horizon}`."
             )
-        self.sparse = self.data.info.to_dict().get("sparse", False)
+        self.sparse = self.data.info.sparse
         self.action_dim = self.dataset.action_dim
         self.num_seeds = len(run.seeds)
         obs_example = self.dataset.observations[0].astype(jnp.float32)
@@ -124,17 +123,6 @@ class Trainer:
         self.states = eqx.filter_vmap(
             lambda k: self.agent.init(k, obs_example, action_example, agent_config)
         )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds]))
-        self._build_functions()
-
-    def _build_functions(self):
-        agent, batch_size, utd = self.agent, self.run.batch_size, self.run.utd_ratio
-        self._offline_chunk = lambda states, keys, dataset, n: _offline_chunk(
-            states, keys, dataset, n, agent=agent, batch_size=batch_size
-        )
-        self._act_all = lambda states, obs, keys: _act_all(states, obs, keys, agent=agent)
-        self._online_updates = lambda states, buffers, keys: _online_updates(
-            states, buffers, keys, agent=agent, batch_size=batch_size, utd_ratio=utd
-        )
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, states: Any, step: int, *, bc: bool = False) -> dict[str, np.ndarray]:
@@ -157,7 +145,9 @@ class Trainer:
             while not done.all():
                 if any(not q for q, d in zip(queues, done) if not d):
                     keys = _keys(run.seeds, stream, step, episode, t)
-                    chunks = np.asarray(self._act_all(policy_states, jnp.asarray(obs), keys))
+                    chunks = np.asarray(
+                        _act_all(policy_states, jnp.asarray(obs), keys, agent=self.agent)
+                    )
                     for i, q in enumerate(queues):
                         if not q:
                             q.extend(chunks[i].reshape(-1, self.action_dim))
@@ -183,8 +173,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _checkpoint_paths(self) -> tuple[str, str]:
-        directory = os.path.join(self.run.out_dir, "checkpoints")
-        return directory, os.path.join(directory, "latest.json")
+        return _checkpoint_paths(self.run.out_dir)
 
     def save_checkpoint(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
         """Write `ckpt-<step>.eqx` (agent states, replay buffers) then `latest.json` pointing
@@ -245,9 +234,10 @@ class Trainer:
         # Offline: `log_interval` updates per jitted call.
         while step < offline_end:
             n = min(run.log_interval, offline_end - step)
-            self.states, metrics = self._offline_chunk(
-                self.states, _keys(run.seeds, 0, step), self.dataset, n
-            )
+            self.states, metrics = _offline_chunk(
+                self.states, _keys(run.seeds, 0, step), self.dataset, n,
+                agent=self.agent, batch_size=run.batch_size,
+            )  # fmt: skip
             step += n
             metrics = _to_host(metrics)
             _check_finite(metrics, step)
@@ -302,8 +292,10 @@ class Trainer:
         while step < total:
             t = step - offline_end
             if any(not q for q in queues):
-                chunks = np.asarray(self._act_all(self.states, jnp.asarray(np.stack(obs)),
-                                                  _keys(run.seeds, 1, step)))  # fmt: skip
+                keys = _keys(run.seeds, 1, step)
+                chunks = np.asarray(
+                    _act_all(self.states, jnp.asarray(np.stack(obs)), keys, agent=self.agent)
+                )
                 for i, q in enumerate(queues):
                     if not q:
                         q.extend(chunks[i].reshape(-1, self.action_dim))
@@ -325,9 +317,10 @@ class Trainer:
             stacked = jax.tree.map(lambda *x: jnp.stack(x), *transitions)
             buffers = _add_all(buffers, stacked)
             if t >= run.start_training:
-                self.states, metrics = self._online_updates(
-                    self.states, buffers, _keys(run.seeds, 4, step)
-                )
+                self.states, metrics = _online_updates(
+                    self.states, buffers, _keys(run.seeds, 4, step), agent=self.agent,
+                    batch_size=run.batch_size, utd_ratio=run.utd_ratio,
+                )  # fmt: skip
             for i, done in enumerate(ended):
                 if done:
                     online["episode"][i] += 1
@@ -389,6 +382,20 @@ def _act_all(states, obs, keys, *, agent):
 @eqx.filter_jit
 def _add_all(buffers, transitions):
     return eqx.filter_vmap(qd.add_transition)(buffers, transitions)
+
+
+def _checkpoint_paths(out_dir: str) -> tuple[str, str]:
+    directory = os.path.join(out_dir, "checkpoints")
+    return directory, os.path.join(directory, "latest.json")
+
+
+def latest_checkpoint_step(out_dir: str) -> int | None:
+    """The step of the checkpoint a run in `out_dir` would resume from, or `None`."""
+    _, latest = _checkpoint_paths(out_dir)
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        return int(json.load(f)["step"])
 
 
 def _check_finite(metrics: dict[str, np.ndarray], step: int) -> None:
