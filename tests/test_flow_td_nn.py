@@ -152,3 +152,59 @@ def test_critic_ensemble_batched_equals_vmapped_call(getkey):
     g1 = jax.grad(lambda a: jnp.sum(critic.batched(obs, a) ** 2))(act)
     g2 = jax.grad(lambda a: jnp.sum(jax.vmap(critic)(obs, a) ** 2))(act)
     np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def _reference_layer_norm(x, weight, bias):
+    # Textbook LayerNorm, differentiated by autodiff: the oracle for the hand-written JVP.
+    mean = jnp.mean(x)
+    var = jnp.mean((x - mean) ** 2)
+    return (x - mean) / jnp.sqrt(var + 1e-5) * weight + bias
+
+
+def test_layer_norm_matches_equinox_and_autodiff(getkey):
+    n = 24
+    norm = qam.nn.LayerNorm(n)
+    norm = eqx.tree_at(
+        lambda m: (m.weight, m.bias),
+        norm,
+        (jax.random.normal(getkey(), (n,)), jax.random.normal(getkey(), (n,))),
+    )
+    reference = eqx.tree_at(
+        lambda m: (m.weight, m.bias), eqx.nn.LayerNorm(n), (norm.weight, norm.bias)
+    )
+    x = 3.0 + 2.0 * jax.random.normal(getkey(), (n,))
+    np.testing.assert_allclose(norm(x), reference(x), rtol=1e-5, atol=1e-5)
+    # Normalised output: zero mean, unit (biased) variance before the affine map.
+    plain = qam.nn.LayerNorm(n)(x)
+    np.testing.assert_allclose(jnp.mean(plain), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.var(plain), 1.0, rtol=1e-4)
+
+    args = (x, norm.weight, norm.bias)
+    cotangent = jax.random.normal(getkey(), (n,))
+
+    # Reverse mode (what training uses), for every argument.
+    def ours_fn(x_, weight, bias):
+        return eqx.tree_at(lambda m: (m.weight, m.bias), norm, (weight, bias))(x_)
+
+    ours = jax.vjp(ours_fn, *args)[1](cotangent)
+    theirs = jax.vjp(_reference_layer_norm, *args)[1](cotangent)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Forward mode and a second derivative work too (the rule is a JVP, not a VJP).
+    tangent = jax.random.normal(getkey(), (n,))
+    np.testing.assert_allclose(
+        jax.jvp(norm, (x,), (tangent,))[1],
+        jax.jvp(lambda x_: _reference_layer_norm(x_, norm.weight, norm.bias), (x,), (tangent,))[1],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+    def scalar(f):
+        return lambda x_: jnp.sum(jnp.sin(f(x_)))
+
+    np.testing.assert_allclose(
+        jax.hessian(scalar(norm))(x),
+        jax.hessian(scalar(lambda x_: _reference_layer_norm(x_, norm.weight, norm.bias)))(x),
+        rtol=1e-3,
+        atol=1e-4,
+    )
