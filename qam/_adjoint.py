@@ -246,7 +246,27 @@ def fused_adjoint_matching_loss(
     noise, h, ts, base = _prepare_rollout(
         "fused_adjoint_matching_loss", key, noise, action_dim, num_steps, base_velocity
     )
-    sigmas = memoryless_sigma(ts[:-1], h)
+    trajectory, controls = _fused_rollout(velocity, base, obs, noise, h, ts, residual=residual)
+    terminal = jax.lax.stop_gradient(terminal_adjoint_fn(trajectory.action))
+    return _fused_loss(base, obs, trajectory, controls, terminal), trajectory
+
+
+def _fused_rollout(
+    velocity: VelocityField,
+    base: VelocityField,
+    obs: Obs,
+    noise: Float[Array, "steps action"],
+    h: float,
+    ts: Float[Array, " steps_plus_one"],
+    *,
+    residual: bool,
+) -> tuple[SDETrajectory, Float[Array, "steps action"]]:
+    """First half of `fused_adjoint_matching_loss`: the rollout (no gradient through the
+    states) and the controls `u_i = v_theta(t_i, X_i) - v_B(t_i, X_i)` (`v_theta` when
+    `residual`) at its points, differentiable in `velocity`'s parameters. `base` is already
+    frozen. Split from the loss so a caller can compute the terminal adjoints of a whole batch
+    at once (e.g. with `CriticEnsemble.batched`) between the two halves."""
+    num_steps = noise.shape[0]
 
     def control(v, x, t):
         return v if residual else v - base(t, x, obs)
@@ -268,8 +288,20 @@ def fused_adjoint_matching_loss(
     trajectory = SDETrajectory(
         xs=jax.lax.stop_gradient(jnp.concatenate([xs, x_last[None], action[None]], axis=0)), ts=ts
     )
-    terminal = jax.lax.stop_gradient(terminal_adjoint_fn(action))
-    adjoint = lean_adjoint(base_velocity, obs, trajectory, terminal)
-    controls = jnp.concatenate([controls, control_last[None]], axis=0)
+    return trajectory, jnp.concatenate([controls, control_last[None]], axis=0)
+
+
+def _fused_loss(
+    base: VelocityField,
+    obs: Obs,
+    trajectory: SDETrajectory,
+    controls: Float[Array, "steps action"],
+    terminal_adjoint: Float[Array, " action"],
+) -> Scalar:
+    """Second half of `fused_adjoint_matching_loss`: the lean adjoint from `terminal_adjoint`
+    (no gradient) and `sum_i || 2 u_i / sigma_i + sigma_i A_i ||^2`."""
+    num_steps = controls.shape[0]
+    sigmas = memoryless_sigma(trajectory.ts[:-1], 1.0 / num_steps)
+    adjoint = lean_adjoint(base, obs, trajectory, terminal_adjoint)
     residuals = 2.0 * controls / sigmas[:, None] + sigmas[:, None] * adjoint
-    return jnp.sum(residuals**2), trajectory
+    return jnp.sum(residuals**2)

@@ -110,6 +110,53 @@ def test_each_loss_moves_only_its_network(getkey):
     assert moved(grads_of("alpha_loss")) == {"log_alpha"}
 
 
+def test_am_term_equals_the_composed_public_functions(getkey):
+    # The agent computes adjoint matching in two vmapped halves around one batched critic
+    # gradient; it must equal, in value and in gradient, the spec's composition of
+    # memoryless_sde_sample, lean_adjoint (terminal adjoint -inv_temp * dmean(Q)/da from the
+    # target critic at the clipped action, EMA base) and adjoint_matching_loss.
+    config = dataclasses.replace(VARIANTS["qam"], inv_temp=2.5)
+    state = agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config)
+    state = eqx.tree_at(  # make the target networks differ from the online ones
+        lambda s: (s.target_critic, s.target_actor_slow),
+        state,
+        (
+            agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config).critic,
+            agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config).actor_slow,
+        ),
+    )
+    batch, key = _batch(getkey()), getkey()
+    params = agent._trainable(state)
+    dynamic, static = eqx.partition(params, eqx.is_inexact_array)
+    am_value, am_grad = jax.jit(
+        jax.value_and_grad(
+            lambda d: agent._losses(eqx.combine(d, static), state, batch, key)[1]["am_loss"]
+        )
+    )(dynamic)
+
+    keys = jax.random.split(jax.random.split(key, 5)[2], B)
+    base, critic = state.target_actor_slow, state.target_critic
+
+    def reference(actor_fast):
+        def one(o, k):
+            traj = qam.memoryless_sde_sample(
+                actor_fast, base, o, key=k, action_dim=H * A, num_steps=config.flow_steps
+            )
+            dq = jax.grad(lambda a: jnp.mean(critic(o, jnp.clip(a, -1.0, 1.0))))(traj.action)
+            adjoint = qam.lean_adjoint(base, o, traj, -config.inv_temp * dq)
+            return qam.adjoint_matching_loss(actor_fast, base, o, traj, adjoint)
+
+        return jnp.mean(jax.vmap(one)(batch.observations, keys))
+
+    ref_value, ref_grad = eqx.filter_jit(eqx.filter_value_and_grad(reference))(state.actor_fast)
+    np.testing.assert_allclose(am_value, ref_value, rtol=1e-5)
+    ours = jax.tree.leaves(eqx.filter(am_grad.actor_fast, eqx.is_inexact_array))
+    theirs = jax.tree.leaves(eqx.filter(ref_grad, eqx.is_inexact_array))
+    assert len(ours) == len(theirs)
+    for g1, g2 in zip(ours, theirs):
+        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_act_returns_chunks_in_the_box(variant, getkey):
     config = dataclasses.replace(VARIANTS[variant], best_of_n=3)

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._adjoint import fused_adjoint_matching_loss
+from .._adjoint import _fused_loss, _fused_rollout
 from .._flow import flow_matching_loss, ode_sample
 from .._misc import stop_gradient_tree
+from .._sde import _prepare_rollout
 from ..nn import MLP, CriticEnsemble, TanhGaussianPolicy, VelocityNetwork
 from ._common import ChunkBatch, critic_loss, flat_chunk, make_optimizer, polyak_update
 from ._presets import DOMAINS, METHOD_PRESETS, domain_of
@@ -285,24 +286,28 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
         state.target_critic if config.use_target_grad else state.critic
     )
 
-    def am_one(o, k):
-        def terminal_adjoint(a):
-            def q_mean(a_):
-                a_ = jnp.clip(a_, -1.0, 1.0) if config.clip_adj else a_
-                return jnp.mean(reward_critic(o, a_))
+    # Adjoint matching as `fused_adjoint_matching_loss` computes it (each network evaluated
+    # once per point), split in two so that the terminal adjoints
+    # `-inv_temp * d mean_j Q_j(s, clip(a)) / da` of the whole batch come from one batched
+    # critic gradient (ensemble axis outermost) between the rollout and the loss.
+    def rollout_one(o, k):
+        noise, h, ts, _ = _prepare_rollout(
+            "update", k, None, state.action_dim, config.flow_steps, base
+        )
+        return _fused_rollout(params.actor_fast, base, o, noise, h, ts, residual=config.residual)
 
-            return -config.inv_temp * jax.grad(q_mean)(a)
+    trajectories, controls = jax.vmap(rollout_one)(obs, jax.random.split(keys[2], batch_size))
 
-        # Rollout with the stored actor_fast, lean adjoint through the base, AM loss: one pass
-        # that evaluates each network once per point (same value and gradient as composing
-        # memoryless_sde_sample, lean_adjoint and adjoint_matching_loss).
-        loss, _ = fused_adjoint_matching_loss(
-            params.actor_fast, base, o, terminal_adjoint, key=k, action_dim=state.action_dim,
-            num_steps=config.flow_steps, residual=config.residual,
-        )  # fmt: skip
-        return loss
+    def q_mean_sum(a):
+        a = jnp.clip(a, -1.0, 1.0) if config.clip_adj else a
+        return jnp.sum(jnp.mean(reward_critic.batched(obs, a), axis=1))
 
-    loss_am = jnp.mean(jax.vmap(am_one)(obs, jax.random.split(keys[2], batch_size)))
+    terminal = jax.lax.stop_gradient(-config.inv_temp * jax.grad(q_mean_sum)(trajectories.action))
+    loss_am = jnp.mean(
+        jax.vmap(_fused_loss, in_axes=(None, 0, 0, 0, 0))(
+            base, obs, trajectories, controls, terminal
+        )
+    )
     metrics["am_loss"] = loss_am
     total = loss_critic + loss_flow + loss_am
 
