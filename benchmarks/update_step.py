@@ -410,7 +410,9 @@ def breakdown(args, dataset, probe) -> list[dict[str, Any]]:
     import optax
 
     import qam
-    from qam.agents import make_optimizer, polyak_update, qam as agent
+    from qam._adjoint import _fused_loss, _fused_rollout
+    from qam._sde import _prepare_rollout
+    from qam.agents import critic_loss, make_optimizer, polyak_update, qam as agent
 
     config = make_config("qam", args)
     key = jax.random.PRNGKey(args.seed + 2)
@@ -426,16 +428,15 @@ def breakdown(args, dataset, probe) -> list[dict[str, Any]]:
     def next_action(state, batch, k):
         next_obs = batch.next_observations[:, -1]
         a = jax.vmap(lambda o, kk: agent.act(state, o, key=kk))(next_obs, jax.random.split(k, b))
-        return jax.vmap(state.target_critic)(next_obs, a)
+        return state.target_critic.batched(next_obs, a)
 
     def critic_grad(state, batch, k):
         del k
         next_q = jnp.zeros((b, config.num_qs), jnp.float32)
 
         def loss(c):
-            return qam.agents.critic_loss(
-                c, batch, next_q, discount=config.discount, rho=config.rho, chunked=True
-            )[0]
+            q = c.batched(obs, actions)
+            return critic_loss(q, batch, next_q, discount=config.discount, rho=config.rho)[0]
 
         return eqx.filter_grad(loss)(state.critic)
 
@@ -449,40 +450,33 @@ def breakdown(args, dataset, probe) -> list[dict[str, Any]]:
         return eqx.filter_grad(loss)(state.actor_slow)
 
     def am_parts(state, k, upto):
-        base, fast, critic = (
-            sg(state.target_actor_slow),
-            sg(state.actor_fast),
-            sg(state.target_critic),
-        )
+        # The agent's adjoint-matching term, cut after each stage (as `agent._losses`
+        # computes it: fused rollout, one batched terminal critic gradient, fused loss).
+        base, critic = sg(state.target_actor_slow), sg(state.target_critic)
 
-        def rollout(o, kk):
-            return qam.memoryless_sde_sample(
-                fast, base, o, key=kk, action_dim=dim, num_steps=config.flow_steps
-            )
+        def loss(fast):
+            def rollout_one(o, kk):
+                noise, h, ts, _ = _prepare_rollout("bench", kk, None, dim, config.flow_steps, base)
+                return _fused_rollout(fast, base, o, noise, h, ts, residual=False)
 
-        traj = jax.lax.stop_gradient(jax.vmap(rollout)(obs, jax.random.split(k, b)))
-        if upto == "rollout":
-            return traj
+            traj, controls = jax.vmap(rollout_one)(obs, jax.random.split(k, b))
+            if upto == "rollout":
+                return jnp.sum(controls), traj
 
-        def terminal(o, a):
-            return -config.inv_temp * jax.grad(
-                lambda x: jnp.mean(critic(o, jnp.clip(x, -1.0, 1.0)))
-            )(a)
+            def q_mean_sum(a):
+                return jnp.sum(jnp.mean(critic.batched(obs, jnp.clip(a, -1.0, 1.0)), axis=1))
 
-        term = jax.vmap(terminal)(obs, traj.action)
-        if upto == "terminal":
-            return traj, term
-        adjoint = jax.vmap(qam.lean_adjoint, in_axes=(None, 0, 0, 0))(base, obs, traj, term)
-        if upto == "adjoint":
-            return traj, adjoint
+            term = -config.inv_temp * jax.grad(q_mean_sum)(traj.action)
+            if upto == "terminal":
+                return jnp.sum(controls), (traj, term)
+            if upto == "adjoint":  # without the backward pass through the fine velocity
+                controls = jax.lax.stop_gradient(controls)
+            per = jax.vmap(_fused_loss, in_axes=(None, 0, 0, 0, 0))(base, obs, traj, controls, term)
+            return jnp.mean(per), None
 
-        def loss(v):
-            per = jax.vmap(qam.adjoint_matching_loss, in_axes=(None, None, 0, 0, 0))(
-                v, base, obs, traj, adjoint
-            )
-            return jnp.mean(per)
-
-        return eqx.filter_grad(loss)(state.actor_fast)
+        if upto in ("rollout", "terminal", "adjoint"):
+            return loss(sg(state.actor_fast))
+        return eqx.filter_grad(lambda f: loss(f)[0])(state.actor_fast)
 
     def optimiser(state, batch, k):
         del batch, k
@@ -504,10 +498,10 @@ def breakdown(args, dataset, probe) -> list[dict[str, Any]]:
         ("critic target: next chunk (K-step ODE) + target critic", next_action),
         ("critic TD gradient", critic_grad),
         ("BC flow-matching gradient", flow_grad),
-        ("AM: SDE rollout", lambda s, bt, k: am_parts(s, k, "rollout")),
-        ("AM: rollout + terminal critic gradient", lambda s, bt, k: am_parts(s, k, "terminal")),
-        ("AM: rollout + terminal + lean adjoint", lambda s, bt, k: am_parts(s, k, "adjoint")),
-        ("AM: whole gradient (+ AM loss gradient)", lambda s, bt, k: am_parts(s, k, "grad")),
+        ("AM: SDE rollout (fine + base velocity)", lambda s, bt, k: am_parts(s, k, "rollout")),
+        ("AM: + batched terminal critic gradient", lambda s, bt, k: am_parts(s, k, "terminal")),
+        ("AM: + lean adjoint + loss", lambda s, bt, k: am_parts(s, k, "adjoint")),
+        ("AM: whole gradient (+ fine velocity backward)", lambda s, bt, k: am_parts(s, k, "grad")),
         ("optimiser: clip + Adam + Polyak", optimiser),
         ("whole update (no donation)", whole),
     ]

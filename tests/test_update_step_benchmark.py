@@ -51,8 +51,9 @@ def test_quick_run_writes_results(tmp_path, capsys):
     bench = _load_module()
     out = tmp_path / "update_step_test.json"
     result = bench.main(
-        ["--quick", "--variants", "qam", "--seeds", "1", "--loop-steps", "2", "--out", str(out)]
-    )
+        ["--quick", "--variants", "qam", "--seeds", "1", "--loop-steps", "2", "--breakdown",
+         "--out", str(out)]
+    )  # fmt: skip
     printed = capsys.readouterr().out
     for word in ("machine", "device", "jax", "jaxlib", "equinox", "optax", "qam", "matmul"):
         assert word in printed
@@ -73,6 +74,16 @@ def test_quick_run_writes_results(tmp_path, capsys):
     for name in ("compile_s", "median_s", "steps_per_s", "ratio_to_update"):
         assert loop[name] > 0, name
     assert data["targets"]
+    # The breakdown rebuilds the agent's pieces; its stages nest (each adds work to the last)
+    # and its whole update is the benchmarked one.
+    parts = {p["part"]: p for p in data["breakdown"]}
+    am = [p["gflop"] for name, p in parts.items() if name.startswith("AM:")]
+    assert len(am) == 4 and am == sorted(am) and am[0] > 0
+    assert parts["whole update (no donation)"]["gflop"] == update["gflop"]
+    # Critic target + TD gradient + flow gradient + AM gradient are the whole update's products.
+    pieces = ["critic target", "critic TD gradient", "BC flow-matching gradient", "AM: whole"]
+    total = sum(p["gflop"] for name, p in parts.items() if name.startswith(tuple(pieces)))
+    assert abs(total - update["gflop"]) <= 1e-3 * update["gflop"]
 
     md = out.with_suffix(".md").read_text()
     assert "| variant | seeds | update ms/call | update steps/s |" in md
