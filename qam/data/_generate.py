@@ -7,10 +7,13 @@ and dtypes, and the train/validation split, so the files load with `ogbench.load
 and `ogbench.make_env_and_datasets(..., dataset_path=...)`.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import json
+import math
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -144,14 +147,20 @@ def _make_oracles(
 
 
 @contextlib.contextmanager
-def _seeded_global_numpy(seed: int) -> Iterator[None]:
-    """OGBench's oracles draw from numpy's global RNG: seed it, and restore it afterwards."""
+def _preserved_global_numpy() -> Iterator[None]:
+    """OGBench's oracles draw from numpy's global RNG, which each episode seeds: restore the
+    caller's state afterwards."""
     state = np.random.get_state()
-    np.random.seed(seed)
     try:
         yield
     finally:
         np.random.set_state(state)
+
+
+def _episode_seed(seed: int, index: int, attempt: int) -> int:
+    """The seed of episode `index` (train then validation), retry `attempt`: a function of
+    these three numbers only, so episodes do not depend on each other or on the worker."""
+    return int(np.random.SeedSequence([seed, index, attempt]).generate_state(1)[0])
 
 
 class _Progress:
@@ -170,10 +179,10 @@ class _Progress:
         except ImportError:
             pass
 
-    def update(self) -> None:
-        self._n += 1
+    def update(self, n: int = 1) -> None:
+        self._n += n
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(n)
         elif self._enabled:
             pct = 100 * self._n // max(self._total, 1)
             if pct // 10 != self._last_pct // 10:
@@ -185,8 +194,12 @@ class _Progress:
             self._bar.close()
 
 
-def _run_episode(env, env_name, oracle, agents, noise, p_random_action) -> dict[str, list]:
-    ob, info = env.reset()
+def _run_episode(
+    env, env_name, oracle, agents, noise, p_random_action, seed: int
+) -> dict[str, list]:
+    np.random.seed(seed)
+    ob, info = env.reset(seed=seed)
+    env.action_space.seed(seed)
     p_stack = _sample_p_stack(env_name)
     xi = float(np.random.uniform(0, noise)) if oracle == "markov" else 0.0
     agent = agents[info["privileged/target_task"]]
@@ -231,10 +244,10 @@ def _scene_healthy(episode: dict[str, list]) -> bool:
     return not too_far_left.any()
 
 
-def _to_arrays(episodes: list[dict[str, list]]) -> dict[str, np.ndarray]:
+def _episode_arrays(episode: dict[str, list]) -> dict[str, np.ndarray]:
+    """One episode's rows as arrays of the stored dtypes."""
     out = {}
-    for k in episodes[0]:
-        rows = [row for ep in episodes for row in ep[k]]
+    for k, rows in episode.items():
         if k == "terminals":
             dtype = bool
         elif k == "button_states":
@@ -243,6 +256,120 @@ def _to_arrays(episodes: list[dict[str, list]]) -> dict[str, np.ndarray]:
             dtype = np.float32
         out[k] = np.asarray(rows, dtype=dtype)
     return out
+
+
+def _to_arrays(episodes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([ep[k] for ep in episodes]) for k in episodes[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpisodeSettings:
+    """Everything an episode depends on besides its index (picklable, for the workers)."""
+
+    env_name: str
+    oracle: str
+    seed: int
+    max_episode_steps: int
+    noise: float
+    noise_smoothing: float
+    min_norm: float
+    p_random_action: float
+
+
+class _EpisodeGenerator:
+    """An environment and its oracles; `episode(i)` is a function of the settings and `i`
+    only (each attempt reseeds the environment, its action space and numpy's global RNG)."""
+
+    def __init__(self, settings: _EpisodeSettings):
+        import gymnasium
+
+        import_ogbench()  # registers the environments
+        s = self.settings = settings
+        self.env = gymnasium.make(
+            s.env_name,
+            terminate_at_goal=False,
+            mode="data_collection",
+            max_episode_steps=s.max_episode_steps,
+        )
+        self.agents = _make_oracles(
+            self.env, s.env_name, s.oracle, s.noise, s.noise_smoothing, s.min_norm
+        )
+
+    def episode(self, index: int) -> tuple[dict[str, np.ndarray], int]:
+        """Episode `index` and the number of unhealthy (retried) scene episodes before it."""
+        s = self.settings
+        attempt = 0
+        while True:
+            episode = _run_episode(
+                self.env,
+                s.env_name,
+                s.oracle,
+                self.agents,
+                s.noise,
+                s.p_random_action,
+                _episode_seed(s.seed, index, attempt),
+            )
+            if not s.env_name.startswith("scene") or _scene_healthy(episode):
+                return _episode_arrays(episode), attempt
+            attempt += 1
+
+    def close(self) -> None:
+        self.env.close()
+
+
+_worker_generator: _EpisodeGenerator | None = None
+
+
+def _init_worker(settings: _EpisodeSettings) -> None:
+    global _worker_generator
+    _worker_generator = _EpisodeGenerator(settings)
+
+
+def _worker_block(start: int, stop: int) -> list[tuple[dict[str, np.ndarray], int]]:
+    """Episodes `start..stop-1` in a worker process (set up by `_init_worker`)."""
+    assert _worker_generator is not None
+    with _preserved_global_numpy():
+        return [_worker_generator.episode(i) for i in range(start, stop)]
+
+
+def _generate_episodes(
+    settings: _EpisodeSettings, total: int, workers: int, bar: _Progress
+) -> list[tuple[dict[str, np.ndarray], int]]:
+    """Episodes `0..total-1` in order, in this process or in `workers` spawned processes."""
+    if workers == 1:
+        gen = _EpisodeGenerator(settings)
+        try:
+            with _preserved_global_numpy():
+                results = []
+                for i in range(total):
+                    results.append(gen.episode(i))
+                    bar.update()
+                return results
+        finally:
+            gen.close()
+
+    block = max(1, math.ceil(total / (4 * workers)))
+    starts = range(0, total, block)
+    blocks: dict[int, list[tuple[dict[str, np.ndarray], int]]] = {}
+    # Spawn, never fork: the parent may have JAX (or other) threads running.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(starts)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(settings,),
+    )
+    try:
+        futures = {
+            pool.submit(_worker_block, start, min(start + block, total)): start for start in starts
+        }
+        for future in concurrent.futures.as_completed(futures):
+            blocks[futures[future]] = result = future.result()
+            bar.update(len(result))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return [episode for start in starts for episode in blocks[start]]
 
 
 def _chmod_default(path: str) -> None:
@@ -297,6 +424,7 @@ def generate_dataset(
     p_random_action: float | None = None,
     progress: bool = True,
     overwrite: bool = True,
+    workers: int = 1,
 ) -> GeneratedDataset:
     """Generate an OGBench manipulation dataset locally with OGBench's scripted oracles.
 
@@ -305,9 +433,13 @@ def generate_dataset(
     (float32, clipped to `[−1, 1]`), `terminals` (bool, 1 on each episode's last step), `qpos`,
     `qvel` (float32, the state *before* each action) and, for scene and puzzle,
     `button_states` (int64). Each file is written to a temporary file in `out_dir` and moved
-    into place with `os.replace`. Deterministic for a given `seed` (the environment is seeded
-    once and numpy's global RNG, which the oracles use, is seeded for the duration and
-    restored afterwards).
+    into place with `os.replace`.
+
+    The dataset is a deterministic function of `seed`, the episode counts and the settings
+    below, independent of `workers`: episode `i` (training then validation episodes) and each
+    retry of an unhealthy scene episode gets its own seed derived from `(seed, i, attempt)`,
+    which seeds the environment, its action space and numpy's global RNG (which OGBench's
+    oracles draw from). numpy's global RNG state is restored afterwards.
 
     Following OGBench's `generate_manipspace.py`:
 
@@ -329,7 +461,7 @@ def generate_dataset(
     - `num_episodes`: training episodes (OGBench: 1000 for single/double/scene/3x3/4x4,
       3000 for triple/4x5, 5000 for quadruple/4x6).
     - `out_dir`: output directory (created if needed).
-    - `seed`: random seed.
+    - `seed`: random seed, an int >= 0.
     - `max_episode_steps`: steps per episode; OGBench's 1001 by default (1000 transitions
       after `ogbench.load_dataset` drops each episode's last step). Small values make tiny
       test datasets.
@@ -338,14 +470,21 @@ def generate_dataset(
     - `noise`, `noise_smoothing`, `min_norm`, `p_random_action`: OGBench's oracle settings.
     - `progress`: show a progress bar on stderr.
     - `overwrite`: replace existing files; if `False`, raise `FileExistsError`.
+    - `workers`: number of processes generating episodes. `1` runs in this process; more
+      spawn a process pool (each worker builds its own environment and oracles and takes
+      blocks of consecutive episodes). The files do not depend on it. As with any spawned
+      pool, a script calling this with `workers > 1` needs the `if __name__ == "__main__":`
+      guard.
 
     **Returns:** a [`qam.data.GeneratedDataset`][].
     """
-    import gymnasium
-
     import_ogbench()  # registers the environments
 
     _check_env(env_name, dataset_type)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected an int >= 1, got {workers!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}.")
     if not isinstance(num_episodes, int) or num_episodes < 1:
         raise ValueError(f"num_episodes: expected an int >= 1, got {num_episodes!r}.")
     steps = OGBENCH_MAX_EPISODE_STEPS if max_episode_steps is None else int(max_episode_steps)
@@ -369,35 +508,27 @@ def generate_dataset(
                 raise FileExistsError(f"{p} exists; pass overwrite=True to replace it.")
 
     oracle = "plan" if dataset_type == "play" else "markov"
-    env = gymnasium.make(
-        env_name, terminate_at_goal=False, mode="data_collection", max_episode_steps=steps
+    settings = _EpisodeSettings(
+        env_name=env_name,
+        oracle=oracle,
+        seed=seed,
+        max_episode_steps=steps,
+        noise=noise,
+        noise_smoothing=noise_smoothing,
+        min_norm=min_norm,
+        p_random_action=p_random_action,
     )
     started = time.time()
-    train_eps: list[dict[str, list]] = []
-    val_eps: list[dict[str, list]] = []
     total = num_episodes + num_val_episodes
     bar = _Progress(total, stem, progress)
     try:
-        with _seeded_global_numpy(seed):
-            env.reset(seed=seed)
-            env.action_space.seed(seed)
-            agents = _make_oracles(env, env_name, oracle, noise, noise_smoothing, min_norm)
-            retries = 0
-            for ep_idx in range(total):
-                while True:
-                    episode = _run_episode(env, env_name, oracle, agents, noise, p_random_action)
-                    if not env_name.startswith("scene") or _scene_healthy(episode):
-                        break
-                    retries += 1
-                (train_eps if ep_idx < num_episodes else val_eps).append(episode)
-                bar.update()
+        results = _generate_episodes(settings, total, workers, bar)
     finally:
         bar.close()
-        env.close()
-
-    train = _to_arrays(train_eps)
-    val = _to_arrays(val_eps)
-    del train_eps, val_eps
+    retries = sum(attempts for _, attempts in results)
+    train = _to_arrays([episode for episode, _ in results[:num_episodes]])
+    val = _to_arrays([episode for episode, _ in results[num_episodes:]])
+    del results
     metadata = {
         "generator": "qam.data.generate",
         "ogbench_version": _ogbench_version(),
@@ -413,6 +544,7 @@ def generate_dataset(
         "min_norm": min_norm,
         "p_random_action": p_random_action,
         "unhealthy_episode_retries": retries,
+        "workers": workers,
         "num_train_steps": int(train["terminals"].shape[0]),
         "num_val_steps": int(val["terminals"].shape[0]),
         "created": datetime.datetime.now(datetime.UTC).isoformat(),

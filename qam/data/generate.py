@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         help="random-action probability (default: 0 for play; 0.1 noisy cube/scene, "
         "0.2 noisy puzzle)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="number of processes generating episodes (default 1); the output does not "
+        "depend on it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         min_norm=args.min_norm,
         p_random_action=args.p_random_action,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print(f"wrote {result.train_path} ({result.num_train_steps} steps)")
     print(f"wrote {result.val_path} ({result.num_val_steps} steps)")
