@@ -183,6 +183,7 @@ def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
         qd.generate_dataset(
             DEMO_DATA["env"], "play", num_episodes=DEMO_DATA["episodes"], out_dir=DEFAULT_CACHE,
             seed=0, max_episode_steps=DEMO_DATA["max_episode_steps"],
+            workers=min(os.cpu_count() or 1, 8),
         )  # fmt: skip
     return DEFAULT_CACHE
 
