@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -285,12 +286,16 @@ class _EpisodeGenerator:
 
         import_ogbench()  # registers the environments
         s = self.settings = settings
-        self.env = gymnasium.make(
-            s.env_name,
-            terminate_at_goal=False,
-            mode="data_collection",
-            max_episode_steps=s.max_episode_steps,
-        )
+        with warnings.catch_warnings():
+            # gymnasium warns that OGBench's float64 box bounds are cast to float32: harmless,
+            # and repeated by every worker process.
+            warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
+            self.env = gymnasium.make(
+                s.env_name,
+                terminate_at_goal=False,
+                mode="data_collection",
+                max_episode_steps=s.max_episode_steps,
+            )
         self.agents = _make_oracles(
             self.env, s.env_name, s.oracle, s.noise, s.noise_smoothing, s.min_norm
         )
