@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -195,13 +196,42 @@ class _Progress:
             self._bar.close()
 
 
+def _task_goal_xyzs(env: Any, task: int) -> np.ndarray:
+    """The goal positions (one row per cube) of evaluation task `task` (1-based).
+
+    OGBench defines the tasks (`set_tasks`) only in task mode; read them off a bare holder
+    so the data-collection environment is left untouched."""
+    unwrapped = env.unwrapped
+    holder = types.SimpleNamespace(_env_type=unwrapped._env_type, _reward_task_id=None)
+    type(unwrapped).set_tasks(holder)
+    task_infos = holder.task_infos
+    if not 1 <= task <= len(task_infos):
+        raise ValueError(f"task: expected an int in 1..{len(task_infos)}, got {task!r}.")
+    return np.asarray(task_infos[task - 1]["goal_xyzs"], dtype=np.float64)
+
+
+def _maybe_task_target(env: Any, ob, info, goal_xyzs: np.ndarray | None, fraction: float):
+    """With probability `fraction`, move the current target (the block `set_new_target` chose)
+    to that block's goal in the evaluation task; returns the (possibly new) observation and
+    info. Draws from numpy's global RNG only when `fraction > 0`, so datasets generated
+    without a task mixture are unchanged."""
+    if goal_xyzs is None or fraction <= 0.0 or np.random.rand() >= fraction:
+        return ob, info
+    unwrapped = env.unwrapped
+    block = int(info["privileged/target_block"])
+    unwrapped._data.mocap_pos[unwrapped._cube_target_mocap_ids[block]] = goal_xyzs[block]
+    return unwrapped.compute_observation(), unwrapped.get_reset_info()
+
+
 def _run_episode(
-    env, env_name, oracle, agents, noise, p_random_action, seed: int
-) -> dict[str, list]:
+    env, env_name, oracle, agents, noise, p_random_action, seed: int,
+    goal_xyzs: np.ndarray | None = None, task_goal_fraction: float = 0.0,
+) -> dict[str, list]:  # fmt: skip
     np.random.seed(seed)
     ob, info = env.reset(seed=seed)
     env.action_space.seed(seed)
     p_stack = _sample_p_stack(env_name)
+    ob, info = _maybe_task_target(env, ob, info, goal_xyzs, task_goal_fraction)
     xi = float(np.random.uniform(0, noise)) if oracle == "markov" else 0.0
     agent = agents[info["privileged/target_task"]]
     agent.reset(ob, info)
@@ -221,6 +251,9 @@ def _run_episode(
         done = terminated or truncated
         if agent.done:
             agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
+            agent_ob, agent_info = _maybe_task_target(
+                env, agent_ob, agent_info, goal_xyzs, task_goal_fraction
+            )
             agent = agents[agent_info["privileged/target_task"]]
             agent.reset(agent_ob, agent_info)
         episode["observations"].append(ob)
@@ -275,6 +308,8 @@ class _EpisodeSettings:
     noise_smoothing: float
     min_norm: float
     p_random_action: float
+    task: int | None = None
+    task_goal_fraction: float = 0.0
 
 
 class _EpisodeGenerator:
@@ -299,6 +334,7 @@ class _EpisodeGenerator:
         self.agents = _make_oracles(
             self.env, s.env_name, s.oracle, s.noise, s.noise_smoothing, s.min_norm
         )
+        self.goal_xyzs = None if s.task is None else _task_goal_xyzs(self.env, s.task)
 
     def episode(self, index: int) -> tuple[dict[str, np.ndarray], int]:
         """Episode `index` and the number of unhealthy (retried) scene episodes before it."""
@@ -313,6 +349,8 @@ class _EpisodeGenerator:
                 s.noise,
                 s.p_random_action,
                 _episode_seed(s.seed, index, attempt),
+                self.goal_xyzs,
+                s.task_goal_fraction,
             )
             if not s.env_name.startswith("scene") or _scene_healthy(episode):
                 return _episode_arrays(episode), attempt
@@ -430,6 +468,8 @@ def generate_dataset(
     progress: bool = True,
     overwrite: bool = True,
     workers: int = 1,
+    task: int | None = None,
+    task_goal_fraction: float = 0.0,
 ) -> GeneratedDataset:
     """Generate an OGBench manipulation dataset locally with OGBench's scripted oracles.
 
@@ -458,6 +498,15 @@ def generate_dataset(
     Tasks are resampled whenever the oracle finishes one (`env.set_new_target`), with OGBench's
     per-episode cube-stacking probability; unhealthy scene episodes are retried.
 
+    **Not in OGBench: a task mixture.** With `task` (an evaluation task, 1-5) and
+    `task_goal_fraction = p > 0` (cube-* only), each target `set_new_target` draws is, with
+    probability `p`, moved to its block's goal position in that task (the block and its yaw
+    are still OGBench's random choice). The observation does not contain the target, so
+    behaviour cloning reproduces the mixture (it carries the cube to the task's goal about a
+    fraction `p` of the time), while a policy steered by a learned Q-function can choose the
+    rewarded placement: a small dataset on which offline RL visibly beats behaviour cloning.
+    `p = 0` (the default) draws nothing extra and gives OGBench's datasets.
+
     **Arguments:**
 
     - `env_name`: one of `cube-{single,double,triple,quadruple,octuple}-v0`, `scene-v0`,
@@ -475,6 +524,7 @@ def generate_dataset(
     - `noise`, `noise_smoothing`, `min_norm`, `p_random_action`: OGBench's oracle settings.
     - `progress`: show a progress bar on stderr.
     - `overwrite`: replace existing files; if `False`, raise `FileExistsError`.
+    - `task`, `task_goal_fraction`: the task mixture above (default: none).
     - `workers`: number of processes generating episodes. `1` runs in this process; more
       spawn a process pool (each worker builds its own environment and oracles and takes
       blocks of consecutive episodes). The files do not depend on it. As with any spawned
@@ -501,6 +551,25 @@ def generate_dataset(
         raise ValueError(f"num_val_episodes: expected an int >= 1, got {num_val_episodes!r}.")
     if p_random_action is None:
         p_random_action = _default_p_random_action(env_name, dataset_type)
+    if isinstance(task_goal_fraction, bool) or not 0.0 <= float(task_goal_fraction) <= 1.0:
+        raise ValueError(
+            f"task_goal_fraction: expected a float in [0, 1], got {task_goal_fraction!r}."
+        )
+    if task_goal_fraction > 0.0:
+        if not env_name.startswith("cube"):
+            raise ValueError(
+                f"task_goal_fraction: a task mixture is supported for cube-* only, got "
+                f"env_name={env_name!r}."
+            )
+        if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= 5:
+            raise ValueError(
+                f"task: expected an int in 1..5 with task_goal_fraction > 0, got {task!r}."
+            )
+    elif task is not None:
+        raise ValueError(
+            f"task: only meaningful with task_goal_fraction > 0 (got task={task!r}, "
+            f"task_goal_fraction={task_goal_fraction!r})."
+        )
 
     directory = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     os.makedirs(directory, exist_ok=True)
@@ -522,6 +591,8 @@ def generate_dataset(
         noise_smoothing=noise_smoothing,
         min_norm=min_norm,
         p_random_action=p_random_action,
+        task=task,
+        task_goal_fraction=float(task_goal_fraction),
     )
     started = time.time()
     total = num_episodes + num_val_episodes
@@ -548,6 +619,8 @@ def generate_dataset(
         "noise_smoothing": noise_smoothing,
         "min_norm": min_norm,
         "p_random_action": p_random_action,
+        "task": task,
+        "task_goal_fraction": float(task_goal_fraction),
         "unhealthy_episode_retries": retries,
         "workers": workers,
         "num_train_steps": int(train["terminals"].shape[0]),

@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
         "0.2 noisy puzzle)",
     )
     p.add_argument(
+        "--task",
+        type=int,
+        default=None,
+        help="with --task-goal-fraction: the evaluation task (1-5) whose goals are mixed in",
+    )
+    p.add_argument(
+        "--task-goal-fraction",
+        type=float,
+        default=0.0,
+        help="cube-* only, not in OGBench: probability that each oracle target is moved to "
+        "its block's goal in --task (default 0: OGBench's datasets)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -108,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         p_random_action=args.p_random_action,
         progress=not args.no_progress,
         workers=args.workers,
+        task=args.task,
+        task_goal_fraction=args.task_goal_fraction,
     )
     print(f"wrote {result.train_path} ({result.num_train_steps} steps)")
     print(f"wrote {result.val_path} ({result.num_val_steps} steps)")
