@@ -350,3 +350,77 @@ def test_cli_help_and_run(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "puzzle-3x3-noisy-v0.npz").exists()
     assert (tmp_path / "puzzle-3x3-noisy-v0-val.npz").exists()
+
+
+def test_task_mixture_moves_targets_to_the_task_goal():
+    """`_maybe_task_target` with probability 1 puts the oracle's target on the task's goal;
+    with probability 0 it draws nothing and changes nothing."""
+    import gymnasium
+
+    from qam.data._generate import _maybe_task_start, _maybe_task_target, _task_xyzs
+
+    env = gymnasium.make("cube-double-v0", terminate_at_goal=False, mode="data_collection")
+    try:
+        inits, goals = _task_xyzs(env, 2)
+        assert inits.shape == goals.shape == (2, 3)
+        np.testing.assert_allclose(goals[:, 2], 0.02)  # on the table
+        ob, info = env.reset(seed=0)
+        ob, info = _maybe_task_start(env, ob, info, inits, 1.0, 0.0)
+        for i in range(2):  # the task's start, jittered by at most 1 cm in x and y
+            pos = info[f"privileged/block_{i}_pos"]
+            assert np.all(np.abs(pos[:2] - inits[i, :2]) <= 0.01 + 1e-6), (pos, inits[i])
+        np.random.seed(0)
+        state = np.random.get_state()
+        same_ob, same_info = _maybe_task_target(env, ob, info, goals, 0.0)
+        assert same_ob is ob and same_info is info
+        assert np.array_equal(np.random.get_state()[1], state[1])  # no draw at p = 0
+        for _ in range(3):
+            ob, info = env.unwrapped.set_new_target(p_stack=0.0)
+            block = int(info["privileged/target_block"])
+            new_ob, new_info = _maybe_task_target(env, ob, info, goals, 1.0)
+            np.testing.assert_allclose(new_info["privileged/target_block_pos"], goals[block])
+            assert int(new_info["privileged/target_block"]) == block
+        with pytest.raises(ValueError, match=r"task: expected an int in 1\.\.5, got 6"):
+            _task_xyzs(env, 6)
+    finally:
+        env.close()
+
+
+def test_task_mixture_dataset(tmp_path, gen_dir):
+    """A fraction of 0 reproduces OGBench's dataset bit for bit; a fraction of 1 makes every
+    placement a success of the task, so the relabelled rewards show many more successes."""
+    kw = dict(num_episodes=2, num_val_episodes=1, seed=0, max_episode_steps=150, progress=False)
+    plain = generate_dataset("cube-single-v0", "play", out_dir=tmp_path / "plain", **kw)
+    zero = generate_dataset(
+        "cube-single-v0", "play", out_dir=tmp_path / "zero", task=None, task_goal_fraction=0.0,
+        **kw,
+    )  # fmt: skip
+    a, b = np.load(plain.train_path), np.load(zero.train_path)
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    mixed = generate_dataset(
+        "cube-single-v0", "play", out_dir=tmp_path / "mixed", task=1, task_goal_fraction=1.0,
+        **kw,
+    )  # fmt: skip
+    assert mixed.metadata["task"] == 1 and mixed.metadata["task_goal_fraction"] == 1.0
+    name = "cube-single-play-singletask-task1-v0"
+    success = {}
+    for which in ("plain", "mixed"):
+        data = load_ogbench(name, dataset_dir=str(tmp_path / which), load_val=False)
+        success[which] = float(np.mean(data.train.rewards == 0))
+    assert success["mixed"] > 0.1 and success["mixed"] > 5 * success["plain"], success
+
+
+def test_task_mixture_rejects_bad_settings(tmp_path):
+    kw = dict(num_episodes=1, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"task_goal_fraction: expected a float in \[0, 1\]"):
+        generate_dataset("cube-single-v0", "play", task=1, task_goal_fraction=1.5, **kw)
+    with pytest.raises(ValueError, match=r"task_start_fraction: expected a float in \[0, 1\]"):
+        generate_dataset("cube-single-v0", "play", task=1, task_start_fraction=-0.1, **kw)
+    with pytest.raises(ValueError, match=r"task: expected an int in 1\.\.5 .*got None"):
+        generate_dataset("cube-single-v0", "play", task_goal_fraction=0.5, **kw)
+    with pytest.raises(ValueError, match=r"supported for cube-\* only"):
+        generate_dataset("scene-v0", "play", task=1, task_start_fraction=0.5, **kw)
+    with pytest.raises(ValueError, match=r"task: only meaningful with task_goal_fraction or"):
+        generate_dataset("cube-single-v0", "play", task=1, **kw)
+    assert not os.listdir(tmp_path)

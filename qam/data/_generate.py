@@ -196,8 +196,8 @@ class _Progress:
             self._bar.close()
 
 
-def _task_goal_xyzs(env: Any, task: int) -> np.ndarray:
-    """The goal positions (one row per cube) of evaluation task `task` (1-based).
+def _task_xyzs(env: Any, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """The initial and goal positions (one row per cube) of evaluation task `task` (1-based).
 
     OGBench defines the tasks (`set_tasks`) only in task mode; read them off a bare holder
     so the data-collection environment is left untouched."""
@@ -207,7 +207,33 @@ def _task_goal_xyzs(env: Any, task: int) -> np.ndarray:
     task_infos = holder.task_infos
     if not 1 <= task <= len(task_infos):
         raise ValueError(f"task: expected an int in 1..{len(task_infos)}, got {task!r}.")
-    return np.asarray(task_infos[task - 1]["goal_xyzs"], dtype=np.float64)
+    info = task_infos[task - 1]
+    return (
+        np.asarray(info["init_xyzs"], dtype=np.float64),
+        np.asarray(info["goal_xyzs"], dtype=np.float64),
+    )
+
+
+def _maybe_task_start(env: Any, ob, info, init_xyzs: np.ndarray | None, fraction: float, p_stack):
+    """With probability `fraction`, put the cubes at the task's initial positions (with
+    OGBench's task-mode jitter: +-1 cm in x and y, a random yaw) and draw a new target;
+    returns the (possibly new) observation and info. Draws nothing when `fraction == 0`."""
+    if init_xyzs is None or fraction <= 0.0 or np.random.rand() >= fraction:
+        return ob, info
+    import mujoco
+    from ogbench.manipspace import lie
+
+    unwrapped = env.unwrapped
+    for i, xyz in enumerate(init_xyzs):
+        pos = xyz.copy()
+        pos[:2] += np.random.uniform(-0.01, 0.01, size=2)
+        yaw = np.random.uniform(0, 2 * np.pi)
+        joint = unwrapped._data.joint(f"object_joint_{i}")
+        joint.qpos[:3] = pos
+        joint.qpos[3:] = lie.SO3.from_z_radians(yaw).wxyz.tolist()
+        joint.qvel[:] = 0.0
+    mujoco.mj_forward(unwrapped._model, unwrapped._data)
+    return unwrapped.set_new_target(p_stack=p_stack)
 
 
 def _maybe_task_target(env: Any, ob, info, goal_xyzs: np.ndarray | None, fraction: float):
@@ -225,12 +251,15 @@ def _maybe_task_target(env: Any, ob, info, goal_xyzs: np.ndarray | None, fractio
 
 def _run_episode(
     env, env_name, oracle, agents, noise, p_random_action, seed: int,
-    goal_xyzs: np.ndarray | None = None, task_goal_fraction: float = 0.0,
+    task_xyzs: tuple[np.ndarray, np.ndarray] | None = None, task_goal_fraction: float = 0.0,
+    task_start_fraction: float = 0.0,
 ) -> dict[str, list]:  # fmt: skip
     np.random.seed(seed)
     ob, info = env.reset(seed=seed)
     env.action_space.seed(seed)
     p_stack = _sample_p_stack(env_name)
+    init_xyzs, goal_xyzs = (None, None) if task_xyzs is None else task_xyzs
+    ob, info = _maybe_task_start(env, ob, info, init_xyzs, task_start_fraction, p_stack)
     ob, info = _maybe_task_target(env, ob, info, goal_xyzs, task_goal_fraction)
     xi = float(np.random.uniform(0, noise)) if oracle == "markov" else 0.0
     agent = agents[info["privileged/target_task"]]
@@ -310,6 +339,7 @@ class _EpisodeSettings:
     p_random_action: float
     task: int | None = None
     task_goal_fraction: float = 0.0
+    task_start_fraction: float = 0.0
 
 
 class _EpisodeGenerator:
@@ -334,7 +364,7 @@ class _EpisodeGenerator:
         self.agents = _make_oracles(
             self.env, s.env_name, s.oracle, s.noise, s.noise_smoothing, s.min_norm
         )
-        self.goal_xyzs = None if s.task is None else _task_goal_xyzs(self.env, s.task)
+        self.task_xyzs = None if s.task is None else _task_xyzs(self.env, s.task)
 
     def episode(self, index: int) -> tuple[dict[str, np.ndarray], int]:
         """Episode `index` and the number of unhealthy (retried) scene episodes before it."""
@@ -349,8 +379,9 @@ class _EpisodeGenerator:
                 s.noise,
                 s.p_random_action,
                 _episode_seed(s.seed, index, attempt),
-                self.goal_xyzs,
+                self.task_xyzs,
                 s.task_goal_fraction,
+                s.task_start_fraction,
             )
             if not s.env_name.startswith("scene") or _scene_healthy(episode):
                 return _episode_arrays(episode), attempt
@@ -452,6 +483,32 @@ def _atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def _check_task_mixture(
+    env_name: str, task: int | None, goal_fraction: float, start_fraction: float
+) -> None:
+    for name, value in [
+        ("task_goal_fraction", goal_fraction), ("task_start_fraction", start_fraction)
+    ]:  # fmt: skip
+        if isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name}: expected a float in [0, 1], got {value!r}.")
+    if goal_fraction > 0.0 or start_fraction > 0.0:
+        if not env_name.startswith("cube"):
+            raise ValueError(
+                f"task mixture (task_goal_fraction, task_start_fraction): supported for cube-* "
+                f"only, got env_name={env_name!r}."
+            )
+        if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= 5:
+            raise ValueError(
+                f"task: expected an int in 1..5 with a task mixture (task_goal_fraction or "
+                f"task_start_fraction > 0), got {task!r}."
+            )
+    elif task is not None:
+        raise ValueError(
+            f"task: only meaningful with task_goal_fraction or task_start_fraction > 0 (got "
+            f"task={task!r} with both fractions 0)."
+        )
+
+
 def generate_dataset(
     env_name: str,
     dataset_type: str,
@@ -470,6 +527,7 @@ def generate_dataset(
     workers: int = 1,
     task: int | None = None,
     task_goal_fraction: float = 0.0,
+    task_start_fraction: float = 0.0,
 ) -> GeneratedDataset:
     """Generate an OGBench manipulation dataset locally with OGBench's scripted oracles.
 
@@ -498,14 +556,20 @@ def generate_dataset(
     Tasks are resampled whenever the oracle finishes one (`env.set_new_target`), with OGBench's
     per-episode cube-stacking probability; unhealthy scene episodes are retried.
 
-    **Not in OGBench: a task mixture.** With `task` (an evaluation task, 1-5) and
-    `task_goal_fraction = p > 0` (cube-* only), each target `set_new_target` draws is, with
-    probability `p`, moved to its block's goal position in that task (the block and its yaw
-    are still OGBench's random choice). The observation does not contain the target, so
-    behaviour cloning reproduces the mixture (it carries the cube to the task's goal about a
-    fraction `p` of the time), while a policy steered by a learned Q-function can choose the
-    rewarded placement: a small dataset on which offline RL visibly beats behaviour cloning.
-    `p = 0` (the default) draws nothing extra and gives OGBench's datasets.
+    **Not in OGBench: a task mixture** (cube-* only), for small datasets on which offline RL
+    visibly beats behaviour cloning. With `task` (an evaluation task, 1-5):
+
+    - `task_goal_fraction = p`: each target `set_new_target` draws is, with probability `p`,
+      moved to its block's goal position in that task (the block and its yaw are still
+      OGBench's random choice). The observation does not contain the target, so behaviour
+      cloning reproduces the mixture (it carries the cube to the task's goal about a fraction
+      `p` of the time), while a policy steered by a learned Q-function can choose the rewarded
+      placement.
+    - `task_start_fraction = q`: each episode starts, with probability `q`, with the cubes at
+      the task's initial positions (jittered as OGBench's task mode does), so a small dataset
+      covers the evaluation's start.
+
+    Both `0` (the default) draw nothing extra and give OGBench's datasets.
 
     **Arguments:**
 
@@ -524,7 +588,8 @@ def generate_dataset(
     - `noise`, `noise_smoothing`, `min_norm`, `p_random_action`: OGBench's oracle settings.
     - `progress`: show a progress bar on stderr.
     - `overwrite`: replace existing files; if `False`, raise `FileExistsError`.
-    - `task`, `task_goal_fraction`: the task mixture above (default: none).
+    - `task`, `task_goal_fraction`, `task_start_fraction`: the task mixture above (default:
+      none).
     - `workers`: number of processes generating episodes. `1` runs in this process; more
       spawn a process pool (each worker builds its own environment and oracles and takes
       blocks of consecutive episodes). The files do not depend on it. As with any spawned
@@ -551,25 +616,7 @@ def generate_dataset(
         raise ValueError(f"num_val_episodes: expected an int >= 1, got {num_val_episodes!r}.")
     if p_random_action is None:
         p_random_action = _default_p_random_action(env_name, dataset_type)
-    if isinstance(task_goal_fraction, bool) or not 0.0 <= float(task_goal_fraction) <= 1.0:
-        raise ValueError(
-            f"task_goal_fraction: expected a float in [0, 1], got {task_goal_fraction!r}."
-        )
-    if task_goal_fraction > 0.0:
-        if not env_name.startswith("cube"):
-            raise ValueError(
-                f"task_goal_fraction: a task mixture is supported for cube-* only, got "
-                f"env_name={env_name!r}."
-            )
-        if isinstance(task, bool) or not isinstance(task, int) or not 1 <= task <= 5:
-            raise ValueError(
-                f"task: expected an int in 1..5 with task_goal_fraction > 0, got {task!r}."
-            )
-    elif task is not None:
-        raise ValueError(
-            f"task: only meaningful with task_goal_fraction > 0 (got task={task!r}, "
-            f"task_goal_fraction={task_goal_fraction!r})."
-        )
+    _check_task_mixture(env_name, task, task_goal_fraction, task_start_fraction)
 
     directory = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     os.makedirs(directory, exist_ok=True)
@@ -593,6 +640,7 @@ def generate_dataset(
         p_random_action=p_random_action,
         task=task,
         task_goal_fraction=float(task_goal_fraction),
+        task_start_fraction=float(task_start_fraction),
     )
     started = time.time()
     total = num_episodes + num_val_episodes
@@ -621,6 +669,7 @@ def generate_dataset(
         "p_random_action": p_random_action,
         "task": task,
         "task_goal_fraction": float(task_goal_fraction),
+        "task_start_fraction": float(task_start_fraction),
         "unhealthy_episode_retries": retries,
         "workers": workers,
         "num_train_steps": int(train["terminals"].shape[0]),

@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--task",
         type=int,
         default=None,
-        help="with --task-goal-fraction: the evaluation task (1-5) whose goals are mixed in",
+        help="the evaluation task (1-5) of --task-goal-fraction and --task-start-fraction",
     )
     p.add_argument(
         "--task-goal-fraction",
@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="cube-* only, not in OGBench: probability that each oracle target is moved to "
         "its block's goal in --task (default 0: OGBench's datasets)",
+    )
+    p.add_argument(
+        "--task-start-fraction",
+        type=float,
+        default=0.0,
+        help="cube-* only, not in OGBench: probability that an episode starts with the cubes "
+        "at --task's initial positions (default 0)",
     )
     p.add_argument(
         "--workers",
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         task=args.task,
         task_goal_fraction=args.task_goal_fraction,
+        task_start_fraction=args.task_start_fraction,
     )
     print(f"wrote {result.train_path} ({result.num_train_steps} steps)")
     print(f"wrote {result.val_path} ({result.num_val_steps} steps)")
