@@ -37,15 +37,32 @@ SMALL = dict(
     actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10,
 )  # fmt: skip
 SMALL_RUN = dict(
-    offline_steps=3_000, online_steps=1_000, eval_episodes=10, eval_interval=1_000,
-    log_interval=250, batch_size=128, start_training=250, checkpoint_interval=1_000,
+    offline_steps=9_000, online_steps=1_000, eval_episodes=20, eval_interval=3_000,
+    log_interval=500, batch_size=128, start_training=250, checkpoint_interval=3_000,
     max_episode_steps=None,
 )  # fmt: skip
 PAPER_RUN = dict(
     offline_steps=1_000_000, online_steps=500_000, eval_episodes=50, eval_interval=50_000,
     log_interval=1_000, batch_size=256, start_training=5_000, checkpoint_interval=50_000,
 )  # fmt: skip
-DEMO_DATA = dict(env="cube-single-v0", episodes=100, max_episode_steps=200)
+# The demo's dataset (not OGBench's; see `qam.data.generate_dataset`'s task mixture): play data
+# whose episodes start from task 1's initial cube and whose oracle carries the cube to task 1's
+# goal a quarter of the time, elsewhere otherwise. Behaviour cloning reproduces that mixture;
+# the critic steers QAM toward the rewarded placement.
+DEMO_DATA = dict(
+    env="cube-single-v0", dataset_type="play", episodes=100, max_episode_steps=200, task=1,
+    task_goal_fraction=0.25, task_start_fraction=1.0, seed=0,
+)  # fmt: skip
+
+
+def demo_dataset_dir(cache: str | None = None) -> str:
+    """The demo dataset's own directory in the cache, named by its settings, so a cached file
+    made with other settings (or by an older version) is never mistaken for it."""
+    d = DEMO_DATA
+    name = (f"{d['env'].removesuffix('-v0')}-{d['dataset_type']}-task{d['task']}"
+            f"-goal{d['task_goal_fraction']}-start{d['task_start_fraction']}-ep{d['episodes']}"
+            f"x{d['max_episode_steps']}-seed{d['seed']}")  # fmt: skip
+    return os.path.join(DEFAULT_CACHE if cache is None else cache, name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,23 +186,27 @@ def build_configs(args: argparse.Namespace) -> tuple[RunConfig, QAMConfig]:
 
 def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
     """For the embedded default (no `--dataset-dir`, default env, no official file), generate
-    a small dataset once into the cache and reuse it."""
+    the demo dataset once into the cache and reuse it."""
     if args.dataset_dir is not None or args.env != DEFAULT_ENV:
         return args.dataset_dir
     parsed = qd.parse_env_name(args.env)
     official_dir, _ = qd.resolve_dataset_dir(None)
     if os.path.exists(os.path.join(official_dir, parsed.dataset_name + ".npz")):
         return None
-    path = os.path.join(DEFAULT_CACHE, parsed.dataset_name + ".npz")
-    if not os.path.exists(path):
-        print(f"Generating a small {parsed.dataset_name} dataset into {DEFAULT_CACHE} "
-              "(once; reused afterwards) ...")  # fmt: skip
+    directory = demo_dataset_dir()
+    if not os.path.exists(os.path.join(directory, parsed.dataset_name + ".npz")):
+        d = DEMO_DATA
+        print(f"Generating the demo dataset ({d['episodes']} + {d['episodes'] // 10} episodes "
+              f"of {d['max_episode_steps']} steps, {parsed.dataset_name}.npz with task "
+              f"{d['task']}'s start and a {d['task_goal_fraction']:.0%} share of its goal) "
+              f"into {directory} (once; reused afterwards) ...")  # fmt: skip
         qd.generate_dataset(
-            DEMO_DATA["env"], "play", num_episodes=DEMO_DATA["episodes"], out_dir=DEFAULT_CACHE,
-            seed=0, max_episode_steps=DEMO_DATA["max_episode_steps"],
-            workers=min(os.cpu_count() or 1, 8),
+            d["env"], d["dataset_type"], num_episodes=d["episodes"], out_dir=directory,
+            seed=d["seed"], max_episode_steps=d["max_episode_steps"], task=d["task"],
+            task_goal_fraction=d["task_goal_fraction"],
+            task_start_fraction=d["task_start_fraction"], workers=min(os.cpu_count() or 1, 8),
         )  # fmt: skip
-    return DEFAULT_CACHE
+    return directory
 
 
 def main(argv: list[str] | None = None) -> dict:

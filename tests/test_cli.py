@@ -69,3 +69,25 @@ def test_missing_dataset_names_the_file_and_the_way_out(tmp_path):
     args = [*TINY, "--dataset-dir", str(tmp_path), "--out", str(tmp_path / "x")]
     with pytest.raises(SystemExit, match=r"cube-double-play-v0\.npz(.|\n)*qam\.data\.generate"):
         cli.main(args)
+
+
+def test_demo_dataset_generated_once_into_its_own_directory(tmp_path, monkeypatch):
+    """The embedded default generates its dataset (with the task mixture the demo relies on)
+    into a cache directory named by its settings, once, and reuses it afterwards."""
+    cli = _load()
+    monkeypatch.setattr(cli, "DEFAULT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "DEMO_DATA", dict(cli.DEMO_DATA, episodes=2, max_episode_steps=30))
+    monkeypatch.setenv("QAM_DATASET_DIR", str(tmp_path / "no-official-files"))
+    args = cli._parser().parse_args([])
+    directory = cli.ensure_demo_dataset(args)
+    assert directory == cli.demo_dataset_dir(str(tmp_path / "cache"))
+    assert "goal0.25" in directory and "start1.0" in directory
+    path = pathlib.Path(directory) / "cube-single-play-v0.npz"
+    meta = json.loads((pathlib.Path(directory) / "cube-single-play-v0.meta.json").read_text())
+    assert (meta["task"], meta["task_goal_fraction"], meta["task_start_fraction"]) == (1, 0.25, 1.0)
+    stamp = path.stat().st_mtime_ns
+    assert cli.ensure_demo_dataset(cli._parser().parse_args([])) == directory
+    assert path.stat().st_mtime_ns == stamp  # reused, not regenerated
+    # Any explicit choice bypasses the demo dataset.
+    explicit = cli._parser().parse_args(["--dataset-dir", str(tmp_path)])
+    assert cli.ensure_demo_dataset(explicit) == str(tmp_path)

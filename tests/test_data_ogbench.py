@@ -424,3 +424,17 @@ def test_task_mixture_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match=r"task: only meaningful with task_goal_fraction or"):
         generate_dataset("cube-single-v0", "play", task=1, **kw)
     assert not os.listdir(tmp_path)
+
+
+def test_noisy_generation_with_random_actions_is_deterministic(tmp_path):
+    """Random actions come from an action space seeded per episode (OGBench's `action_space`
+    property builds a fresh unseeded one on each access, which made noisy datasets differ
+    from run to run)."""
+    kw = dict(num_episodes=1, num_val_episodes=1, seed=3, max_episode_steps=20, progress=False,
+              p_random_action=0.5)  # fmt: skip
+    one = generate_dataset("cube-single-v0", "noisy", out_dir=tmp_path / "a", **kw)
+    two = generate_dataset("cube-single-v0", "noisy", out_dir=tmp_path / "b", **kw)
+    for path_one, path_two in [(one.train_path, two.train_path), (one.val_path, two.val_path)]:
+        a, b = np.load(path_one), np.load(path_two)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

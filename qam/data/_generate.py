@@ -256,7 +256,13 @@ def _run_episode(
 ) -> dict[str, list]:  # fmt: skip
     np.random.seed(seed)
     ob, info = env.reset(seed=seed)
-    env.action_space.seed(seed)
+    # OGBench's `action_space` is a property that builds a new, unseeded `Box` on every access
+    # (and gymnasium warns about its float64 bounds each time): take one and seed it, so random
+    # actions are a function of the episode's seed.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
+        action_space = env.action_space
+    action_space.seed(seed)
     p_stack = _sample_p_stack(env_name)
     init_xyzs, goal_xyzs = (None, None) if task_xyzs is None else task_xyzs
     ob, info = _maybe_task_start(env, ob, info, init_xyzs, task_start_fraction, p_stack)
@@ -269,7 +275,7 @@ def _run_episode(
     done = False
     while not done:
         if np.random.rand() < p_random_action:
-            action = env.action_space.sample()
+            action = action_space.sample()
         else:
             action = np.array(agent.select_action(ob, info))
             if oracle == "markov":
