@@ -1,9 +1,11 @@
 """Train a QAM-family agent on an OGBench task, offline then online.
 
 With no arguments it runs a small embedded default that finishes on a 2-core CPU in minutes:
-it generates (once, then reuses) a small cube-single dataset with OGBench's scripted oracles,
-trains a small QAM-EDIT offline then online, evaluates it and the behaviour-cloning flow, and
-writes logs (CSV, JSONL), checkpoints, a learning-curve PNG and a summary to `--out`.
+it generates (once, then reuses) a small cube-single dataset with OGBench's scripted oracles
+(with a task mixture: episodes start at task 1's cube and a quarter of the placements go to
+task 1's goal), trains a small QAM-EDIT offline then online, evaluates it and the
+behaviour-cloning flow, and writes logs (CSV, JSONL), checkpoints, a learning-curve PNG and a
+summary to `--out`.
 
 Every paper setting is one flag away:
 
