@@ -232,7 +232,7 @@ def _maybe_task_start(env: Any, ob, info, init_xyzs: np.ndarray | None, fraction
         joint.qpos[:3] = pos
         joint.qpos[3:] = lie.SO3.from_z_radians(yaw).wxyz.tolist()
         joint.qvel[:] = 0.0
-    mujoco.mj_forward(unwrapped._model, unwrapped._data)
+    mujoco.mj_forward(unwrapped._model, unwrapped._data)  # pyright: ignore[reportAttributeAccessIssue]
     return unwrapped.set_new_target(p_stack=p_stack)
 
 
