@@ -39,7 +39,7 @@ SMALL = dict(
     actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10,
 )  # fmt: skip
 SMALL_RUN = dict(
-    offline_steps=9_000, online_steps=1_000, eval_episodes=20, eval_interval=3_000,
+    offline_steps=9_000, online_steps=3_000, eval_episodes=20, eval_interval=3_000,
     log_interval=500, batch_size=128, start_training=250, checkpoint_interval=3_000,
     max_episode_steps=None,
 )  # fmt: skip
