@@ -250,18 +250,12 @@ def _maybe_task_target(env: Any, ob, info, goal_xyzs: np.ndarray | None, fractio
 
 
 def _run_episode(
-    env, env_name, oracle, agents, noise, p_random_action, seed: int,
+    env, action_space, env_name, oracle, agents, noise, p_random_action, seed: int,
     task_xyzs: tuple[np.ndarray, np.ndarray] | None = None, task_goal_fraction: float = 0.0,
     task_start_fraction: float = 0.0,
 ) -> dict[str, list]:  # fmt: skip
     np.random.seed(seed)
     ob, info = env.reset(seed=seed)
-    # OGBench's `action_space` is a property that builds a new, unseeded `Box` on every access
-    # (and gymnasium warns about its float64 bounds each time): take one and seed it, so random
-    # actions are a function of the episode's seed.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
-        action_space = env.action_space
     action_space.seed(seed)
     p_stack = _sample_p_stack(env_name)
     init_xyzs, goal_xyzs = (None, None) if task_xyzs is None else task_xyzs
@@ -367,6 +361,9 @@ class _EpisodeGenerator:
                 mode="data_collection",
                 max_episode_steps=s.max_episode_steps,
             )
+            # OGBench's `action_space` is a property that builds a new, unseeded `Box` on every
+            # access: keep one, which each episode seeds, so random actions follow the seed.
+            self.action_space = self.env.action_space
         self.agents = _make_oracles(
             self.env, s.env_name, s.oracle, s.noise, s.noise_smoothing, s.min_norm
         )
@@ -379,6 +376,7 @@ class _EpisodeGenerator:
         while True:
             episode = _run_episode(
                 self.env,
+                self.action_space,
                 s.env_name,
                 s.oracle,
                 self.agents,
