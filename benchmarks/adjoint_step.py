@@ -11,7 +11,7 @@ What is measured, per configuration (flow steps K, batch B, network width W):
   `terminal_adjoint_fn = lambda a: -inv_temp * grad_a mean_e Q_e(s, clip(a, -1, 1))`. Same loss
   and gradient as AM (checked by the tests), but every network is evaluated once per point: the
   rollout's `v(t_i, X_i)` are the ones differentiated, where AM re-evaluates them in the loss.
-- **BPTT** (BAM's gradient, QAM_SPEC §2): the loss
+- **BPTT** (BAM's gradient, docs/mathematics.md §2): the loss
   `-inv_temp * mean_b[mean_e Q_e - rho std_e Q_e](X_K) + mean_b sum_{i<K-1} C_i`, with
   `C_i = 2 ||v(t_i, X_i) - v_B(t_i, X_i)||^2 / sigma_i^2`, differentiated through the rollout
   of `qam.memoryless_sde_sample` with the noise held fixed (the base velocity's parameters

@@ -8,9 +8,9 @@ without ever evaluating a density. This script shows every step on a toy problem
 
 1. behaviour actions from a mixture of two Gaussians in 2-D (no observation: `obs=None`);
 2. a small flow `v(t, x, obs)` fitted to them with `qam.flow_matching_loss`;
-3. a known linear critic `Q(a) = cᵀa`, for which the tilt has a closed form (QAM_SPEC §6.1):
-   component k moves to `μ_k + λ S_k c` and its weight to `π_k exp(λ cᵀμ_k + ½ λ² cᵀS_k c)`
-   (normalised);
+3. a known linear critic `Q(a) = cᵀa`, for which the tilt has a closed form
+   (docs/mathematics.md §6.1): component k moves to `μ_k + λ S_k c` and its weight to
+   `π_k exp(λ cᵀμ_k + ½ λ² cᵀS_k c)` (normalised);
 4. adjoint matching: memoryless-SDE rollouts, lean adjoints, and the regression of the
    fine-tuned velocity onto `v_B - (σ²/2) A`;
 5. deterministic sampling with `qam.ode_sample` from the base and fine-tuned flows, with a table
@@ -159,7 +159,8 @@ def sample_flow(velocity, key, num):
 
 
 def analytic_tilt():
-    """The closed-form tilted mixture (QAM_SPEC §6.1) for the linear Q: weights and means."""
+    """The closed-form tilted mixture (docs/mathematics.md §6.1) for the linear Q: weights and
+    means."""
     c, cov = Q_DIRECTION, MODE_STD**2 * np.eye(ACTION_DIM)
     logits = np.log(MODE_WEIGHTS) + INV_TEMP * MODE_MEANS @ c + 0.5 * INV_TEMP**2 * c @ cov @ c
     weights = np.exp(logits - logits.max())
@@ -200,6 +201,7 @@ def save_plot(path, base_actions, fine_actions, rows):
     fig.suptitle(f"QAM quickstart: Q(a) = cᵀa, c = {_c()}, λ = {INV_TEMP}; "
                  f"analytic mode weights {analytic[0]:.2f} / {analytic[1]:.2f}")  # fmt: skip
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as f:
         fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -228,7 +230,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=800, help="adjoint matching steps")
     parser.add_argument("--bc-steps", type=int, default=3000, help="behaviour-cloning steps")
     parser.add_argument("--samples", type=int, default=4000, help="samples for the table")
-    parser.add_argument("--out", default="quickstart.png", help="output PNG path")
+    parser.add_argument(
+        "--out",
+        default=os.path.join("runs", "quickstart", "quickstart.png"),
+        help="output PNG path",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     data_key, flow_key, am_key, sample_key = jax.random.split(jax.random.PRNGKey(args.seed), 4)
@@ -253,7 +259,8 @@ def main(argv=None):
     print(f"\nQ(a) = cᵀa with c = {_c()}, λ = {INV_TEMP}; modes by nearest mean:")
     print_table(rows)
     print(f"(With K = {NUM_FLOW_STEPS} flow steps the learned policy under-tilts relative to the "
-          "analytic target, QAM_SPEC §6.3;\n raise NUM_FLOW_STEPS to close the gap.)")  # fmt: skip
+          "analytic target, docs/mathematics.md §6.3;\n raise NUM_FLOW_STEPS to close the "
+          "gap.)")  # fmt: skip
 
     save_plot(args.out, base_actions, fine_actions, rows)
     print(f"\nsaved {args.out}; elapsed {time.perf_counter() - start:.1f} s")

@@ -26,9 +26,9 @@ def _check_trajectory(name: str, trajectory: SDETrajectory, adjoint_name: str, a
             f"(K + 1, D) and `ts` of shape (K + 1,); got xs {tuple(xs.shape)} and ts "
             f"{tuple(ts.shape)}. For a batch, use `jax.vmap`."
         )
-    if xs.shape[0] < 3:
+    if xs.shape[0] < 2:
         raise ValueError(
-            f"`{name}(..., trajectory=...)` needs at least 2 flow steps (K + 1 >= 3 points); "
+            f"`{name}(..., trajectory=...)` needs at least 1 flow step (K + 1 >= 2 points); "
             f"got {xs.shape[0]} points."
         )
     if adjoint_name == "terminal_adjoint":
@@ -60,7 +60,11 @@ def lean_adjoint(
     (the time at which the memoryless drift's `1 / t` is evaluated in the rollout). The step
     `i = K-1` uses the SDE drift at time 1 even though the rollout's last step was the ODE.
     Nothing depends on the fine-tuned velocity and there is no running-cost term: this is the
-    continuous lean adjoint `dA/dt = -(d b_B / dx)^T A` discretised as in QAM_SPEC §1.4.
+    continuous lean adjoint `dA/dt = -(d b_B / dx)^T A` discretised as in docs/mathematics.md §1.4.
+
+    With one flow step (`K = 1`, `h = 1`, `t_1 = 1`) the recursion is the single step
+    `A_0 = A_1 + (2 J_{v_B}(X_0, 1) - I)^T A_1 = 2 J_{v_B}(X_0, 1)^T A_1`, the Jacobian of the
+    base velocity at time 1 taken at the initial noise `X_0`.
 
     Nothing is differentiated through: `base_velocity`, the trajectory and the result are all
     wrapped in `jax.lax.stop_gradient`.
@@ -101,7 +105,8 @@ def basic_adjoint(
     running_cost_scale: float = 1.0,
     residual: bool = False,
 ) -> Float[Array, "steps action"]:
-    """The basic (exact discrete) adjoint of the memoryless rollout, as in BAM (QAM_SPEC §2).
+    """The basic (exact discrete) adjoint of the memoryless rollout, as in BAM
+    (docs/mathematics.md §2).
 
     It is the gradient, with respect to each state `X_i`, of the cost-to-go
     `J = c_K(X_K) + sum_{j < K-1} C_j(X_j)` of the rollout of `memoryless_sde_sample` with the
@@ -117,7 +122,8 @@ def basic_adjoint(
     Unlike `lean_adjoint`, the Jacobians are of the *fine-tuned* drift at the unshifted time,
     and the running cost enters. `running_cost_scale=1.0` is BAM's cost (no factor `h`);
     `running_cost_scale=h` is the exact discretisation of `int 1/2 ||u||^2 dt`; `0.0` drops it.
-    No gradient flows out of the result.
+    With one flow step (`K = 1`) only the base step is left: `A_0 = (I + dv_B/dx (X_0, 0))^T A_1`
+    (no running cost). No gradient flows out of the result.
 
     **Returns:** `A_0 .. A_{K-1}`, shape `(K, D)`.
     """
@@ -170,7 +176,7 @@ def adjoint_matching_loss(
     *,
     residual: bool = False,
 ) -> Scalar:
-    """The adjoint matching loss of QAM on one trajectory (QAM_SPEC §1.5).
+    """The adjoint matching loss of QAM on one trajectory (docs/mathematics.md §1.5).
 
     ```
     r_i = 2 (v(t_i, X_i) - v_B(t_i, X_i)) / sigma_i + sigma_i A_i
@@ -179,7 +185,8 @@ def adjoint_matching_loss(
     (in residual mode `r_i = 2 v(t_i, X_i) / sigma_i + sigma_i A_i`), with
     `sigma_i^2 = 2 (1 - t_i + h) / (t_i + h)` and the networks at the unshifted `t_i`. Its
     pointwise minimiser is `v(t_i, x) = v_B(t_i, x) - (sigma_i^2 / 2) E[A_i | X_i = x]`, the
-    velocity of the reward-tilted flow in the continuous limit.
+    velocity of the reward-tilted flow in the continuous limit. With one flow step (`K = 1`,
+    `sigma_0 = 2`) the loss is the single term `|| (v - v_B)(0, X_0) + 2 A_0 ||^2`.
 
     Gradients flow only into `velocity`: `base_velocity`, the trajectory and `adjoint` are
     wrapped in `jax.lax.stop_gradient`. Average over a batch at the call site (the reference does

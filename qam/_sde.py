@@ -5,7 +5,7 @@ Time runs from `t = 0` (Gaussian noise) to `t = 1` (the action). With the linear
 
 $$dX = \\big(2 v(X, t) - X / t\\big)\\,dt + \\sigma(t)\\,dW, \\qquad \\sigma(t)^2 = 2 (1 - t) / t.$$
 
-The reference scheme (QAM_SPEC §1.2) uses a grid `t_i = i h`, `h = 1 / K`, shifts the
+The reference scheme (docs/mathematics.md §1.2) uses a grid `t_i = i h`, `h = 1 / K`, shifts the
 singular `1 / t` terms by one step (`t_i + h` in place of `t_i`), takes `K - 1` noisy
 Euler-Maruyama steps with the fine-tuned velocity and one last deterministic Euler step with the
 *base* velocity:
@@ -16,6 +16,10 @@ X_{i+1} = X_i + h (2 v(t_i, X_i) - X_i / (t_i + h)) + sqrt(h) sigma_i xi_i,   i 
 X_K     = X_{K-1} + h v_B(t_{K-1}, X_{K-1})
 sigma_i^2 = 2 (1 - t_i + h) / (t_i + h)
 ```
+
+Any `K >= 1` works. With one flow step (`K = 1`, `h = 1`, as in the paper's sensitivity study)
+there are `K - 1 = 0` noisy steps: the rollout is the single deterministic base step
+`X_1 = X_0 + v_B(0, X_0)`, and the fine-tuned velocity enters only the loss and deployment.
 """
 
 import diffrax
@@ -62,8 +66,8 @@ def memoryless_sigma(
     """The shifted memoryless noise level of the reference scheme,
     `sigma(t) = sqrt(2 (1 - t + h) / (t + h))` with `h = step_size`.
 
-    At the grid points `t_i = i h` this is `sigma_i` of QAM_SPEC §1.2; the shift by `h` keeps
-    it finite at `t = 0` (`sigma_0^2 = 2 (1 + h) / h`).
+    At the grid points `t_i = i h` this is `sigma_i` of docs/mathematics.md §1.2; the shift by `h`
+    keeps it finite at `t = 0` (`sigma_0^2 = 2 (1 + h) / h`).
     """
     t = jnp.asarray(t)
     return jnp.sqrt(2.0 * (1.0 - t + step_size) / (t + step_size))
@@ -161,9 +165,11 @@ def memoryless_sde_sample(
     - `key`: a PRNG key; draws `noise` as `jax.random.normal(key, (K, D))`. Give `key` or
         `noise`, not both.
     - `action_dim`: the flat action dimension `D` (needed with `key`).
-    - `num_steps`: `K >= 2`.
+    - `num_steps`: `K >= 1`. At `K = 1` there is no noisy step: `X_1 = X_0 + v_B(0, X_0, obs)`
+        and `velocity` does not enter the rollout.
     - `noise`: shape `(K, D)`: row 0 is `X_0`, rows `1 .. K-1` the standard normal step noises
-        `xi_0 .. xi_{K-2}`. Two implementations fed the same `noise` follow the same path.
+        `xi_0 .. xi_{K-2}` (none at `K = 1`). Two implementations fed the same `noise` follow
+        the same path.
     - `solver`: `None` for the built-in loop, or a diffrax solver (e.g. `diffrax.Euler()`):
         the noisy part is then solved by `diffrax.diffeqsolve` on the same grid with a Brownian
         path whose increments are exactly `sqrt(h) xi_i`, and the last step by the same solver
@@ -201,6 +207,8 @@ def memoryless_sde_sample(
 
 def _diffrax_rollout(drift_velocity, base, obs, noise, ts, h, solver):
     num_steps = ts.shape[0] - 1
+    if num_steps == 1:  # no noisy step: only the deterministic base step from X_0
+        return noise[:1], _diffrax_last_step(base, obs, noise[0], ts, solver)
     dim = noise.shape[1]
     grid = ts[:num_steps]  # t_0 .. t_{K-1}: the noisy part runs on [0, t_{K-1}]
     # A Brownian path through the given increments: W(t_i) = sqrt(h) * sum_{j < i} xi_j, linear
@@ -227,17 +235,23 @@ def _diffrax_rollout(drift_velocity, base, obs, noise, ts, h, solver):
     )
     xs = sol.ys
     assert xs is not None
+    return xs, _diffrax_last_step(base, obs, xs[-1], ts, solver)
+
+
+def _diffrax_last_step(base, obs, x_last, ts, solver):
+    """The deterministic last step `X_K = X_{K-1} + h v_B(t_{K-1}, X_{K-1})` by `solver`."""
+    num_steps = ts.shape[0] - 1
     last = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, x, args: base(t, x, args)),
         solver,
         t0=ts[num_steps - 1],
         t1=ts[num_steps],
         dt0=None,
-        y0=xs[-1],
+        y0=x_last,
         args=obs,
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=diffrax.StepTo(ts=ts[num_steps - 1 :]),
         max_steps=1,
     )
     assert last.ys is not None
-    return xs, last.ys[0]
+    return last.ys[0]

@@ -37,7 +37,7 @@ def td_loss(
     *,
     rho: float | Float[ArrayLike, ""] = 0.5,
 ) -> tuple[Scalar, TDAux]:
-    """Squared TD error of an ensemble critic on one transition (QAM_SPEC §3.2).
+    """Squared TD error of an ensemble critic on one transition (docs/mathematics.md §3.2).
 
     ```
     y = reward + discount * (mean_e q'_e - rho * std_e q'_e)        (std with ddof = 0)

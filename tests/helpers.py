@@ -1,4 +1,4 @@
-"""Closed-form objects for the tests (QAM_SPEC §6)."""
+"""Closed-form objects for the tests (docs/mathematics.md §6)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +36,8 @@ def reference_adjoints(s2, a_terminal, num_steps):
 
 
 def discrete_mean_shift(s2, inv_temp_c, num_steps):
-    """ODE mean shift of the discrete AM optimum for linear Q (QAM_SPEC §6.2), 1-D, float64."""
+    """ODE mean shift of the discrete AM optimum for linear Q (docs/mathematics.md §6.2), 1-D,
+    float64."""
     h = 1.0 / num_steps
     adjoints = reference_adjoints(s2, -inv_temp_c, num_steps)
     shift = 0.0

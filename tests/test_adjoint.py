@@ -15,7 +15,7 @@ import qam
 K = 10
 H = 1.0 / K
 
-# QAM_SPEC §6.2 test vectors: mu = 0, S = 1, inv_temp * c = 1, K = 10.
+# docs/mathematics.md §6.2 test vectors: mu = 0, S = 1, inv_temp * c = 1, K = 10.
 SPEC_ADJOINTS = np.array(
     [0.0204106, -0.1046043, -0.3233224, -0.6115010, -0.9085158, -1.1356448, -1.2476098,
      -1.2537861, -1.1924119, -1.1]
@@ -232,7 +232,8 @@ def test_basic_adjoint_equals_autodiff_through_rollout(getkey, residual, scale):
 
 def test_basic_adjoint_equals_lean_adjoint_for_the_base_without_running_cost(getkey):
     # With v = v_B there is no control; the basic adjoint differs from the lean one only by
-    # the time shift and the last step (QAM_SPEC D2/D3): both are O(h) apart, not equal.
+    # the time shift and the last step (docs/mathematics.md §1.9, D2/D3): both are O(h) apart,
+    # not equal.
     base = gaussian_velocity(0.0, 1.0)
     traj = _trajectory(base, base, 1, getkey(), num_steps=400)
     terminal = jnp.array([-1.0])

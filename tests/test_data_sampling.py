@@ -1,4 +1,5 @@
-"""The chunked sequence sampler (QAM_SPEC §3.1), the ring buffer and balanced sampling."""
+"""The chunked sequence sampler (docs/mathematics.md §3.1), the ring buffer and balanced
+sampling."""
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ def _hand_made(n: int = N, offset: float = 0.0) -> dict[str, np.ndarray]:
 
 
 def _reference(data: dict[str, np.ndarray], j: int, horizon: int, discount: float) -> dict:
-    """QAM_SPEC §3.1, transcribed step by step."""
+    """docs/mathematics.md §3.1, transcribed step by step."""
     valid, rewards, masks, next_obs, actions = [], [], [], [], []
     for k in range(horizon):
         if k == 0:

@@ -82,7 +82,7 @@ def test_diffrax_ode_sample_agrees_with_builtin(getkey):
 def test_terminal_variance_matches_exact_discrete_chain(getkey):
     # For a N(0, s2) base the K-step chain is linear-Gaussian; its terminal variance follows
     # Var_{i+1} = (1 + h (2 m(t_i) - 1/(t_i + h)))^2 Var_i + h sigma_i^2, then the ODE step.
-    # (QAM_SPEC D1: s2 = 1, K = 10 gives 1.226, not 1.)
+    # (docs/mathematics.md §1.9, D1: s2 = 1, K = 10 gives 1.226, not 1.)
     num_steps, s2, n = 10, 1.0, 40_000
     h = 1.0 / num_steps
     base = gaussian_velocity(0.0, s2)

@@ -75,7 +75,7 @@ def test_training_tilts_gaussian_by_discrete_prediction(getkey, s2):
     x_base = jax.vmap(lambda z: sample(base, z))(noise)
     shift = float(jnp.mean(x_fine - x_base))
     predicted = discrete_mean_shift(s2, inv_temp, K)
-    assert abs(predicted - {1.0: 0.879, 0.25: 0.262}[s2]) < 1e-3  # QAM_SPEC §6.3
+    assert abs(predicted - {1.0: 0.879, 0.25: 0.262}[s2]) < 1e-3  # docs/mathematics.md §6.3
     assert abs(shift - predicted) < 0.05, (shift, predicted)
     ratio = float(jnp.var(x_fine) / jnp.var(x_base))
     assert abs(ratio - 1.0) < 0.05, ratio

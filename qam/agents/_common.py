@@ -14,7 +14,7 @@ from .._td import td_loss
 
 
 class ChunkBatch(NamedTuple):
-    """A batch of action-chunk sequences (QAM_SPEC §3.1), as `qam.data` samples it.
+    """A batch of action-chunk sequences (docs/mathematics.md §3.1), as `qam.data` samples it.
 
     - `observations`: `(B, obs)`, the first observation `s_j`.
     - `actions`: `(B, H, A)`, the `H` actions `a_j .. a_{j+H-1}`.
@@ -63,7 +63,7 @@ def critic_loss(
     discount: float,
     rho: float,
 ) -> tuple[Array, dict[str, Array]]:
-    """The chunked TD loss of QAM_SPEC §3.2, averaged over the batch:
+    """The chunked TD loss of docs/mathematics.md §3.2, averaged over the batch:
 
     ```
     y = R_{H-1} + gamma^H * mask_{H-1} * (mean_e q'_e - rho * std_e q'_e)

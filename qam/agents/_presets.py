@@ -1,4 +1,4 @@
-"""Per-domain settings of the paper's main results (QAM_SPEC §5.2; reference/hyperparameters.md).
+"""Per-domain settings of the paper's main results (docs/mathematics.md §5.2).
 
 Data, not code: `domain_of(env_name)` maps an OGBench task name to its domain, `DOMAINS` holds
 the shared settings and `METHOD_PRESETS` the tuned values of each method per domain.

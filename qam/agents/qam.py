@@ -42,6 +42,15 @@ class QAMConfig:
     """Hyperparameters of the QAM family; the defaults are the reference `get_config()`.
 
     Per-domain values of the paper are applied by `QAMConfig.paper(variant, env_name)`.
+
+    `inv_temp = 0` (no adjoint matching tilt) deploys the behaviour flow `actor_slow`'s Euler ODE
+    instead of `actor_fast`'s. **A deliberate difference from the authors' implementation:**
+    there, with `inv_temp = 0` and a one-step (`fql_alpha > 0`) or edit (`edit_scale > 0`)
+    policy, that policy is *trained* on the ODE actions of `actor_fast` (the distillation
+    teacher, or the flow action the edit is added to) while the agent *acts* with `actor_slow`'s;
+    `qam` uses `actor_slow`'s ODE actions in both, so the policy is trained on the inputs it sees
+    when deployed. With `inv_temp != 0` both implementations use `actor_fast` (plus `actor_slow`
+    when `residual`) for both.
     """
 
     learning_rate: float = 3e-4  # Adam learning rate, one optimiser for every module
@@ -50,15 +59,16 @@ class QAMConfig:
     critic_hidden: tuple[int, ...] = (512, 512, 512, 512)
     actor_layer_norm: bool = False
     critic_layer_norm: bool = True
+    layer_norm_eps: float = 1e-6  # every LayerNorm's epsilon (flax's default, as the reference)
     num_qs: int = 10  # critic ensemble size E
     horizon: int = 5  # action chunk length H (also the n of the n-step target)
     action_chunking: bool = True  # critic and policy see the whole chunk (flattened)
     discount: float = 0.99
     rho: float = 0.5  # pessimism: target uses mean_e Q' - rho * std_e Q'
     tau: float = 0.005  # Polyak rate of the target critic and the EMA behaviour flow
-    flow_steps: int = 10  # K
+    flow_steps: int = 10  # K >= 1; K = 1: one deterministic base step in the rollout
     best_of_n: int = 1  # act with the best of n candidates under the online critic
-    inv_temp: float = 0.3  # lambda: pi* ∝ pi_beta exp(lambda Q)
+    inv_temp: float = 0.3  # lambda: pi* ∝ pi_beta exp(lambda Q); 0: act with actor_slow
     fql_alpha: float = 0.0  # > 0: QAM-FQL distillation coefficient
     edit_scale: float = 0.0  # > 0: QAM-EDIT edit magnitude
     target_actor: bool = True  # adjoint base = EMA behaviour flow (else the online one)
@@ -71,12 +81,13 @@ class QAMConfig:
     def __post_init__(self):
         checks = [
             ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("layer_norm_eps", self.layer_norm_eps >= 0, ">= 0"),
             ("num_qs", self.num_qs >= 1, ">= 1"),
             ("horizon", self.horizon >= 1, ">= 1"),
             ("discount", 0.0 <= self.discount <= 1.0, "in [0, 1]"),
             ("rho", self.rho >= 0, ">= 0"),
             ("tau", 0.0 < self.tau <= 1.0, "in (0, 1]"),
-            ("flow_steps", self.flow_steps >= 2, ">= 2 (the memoryless scheme needs a noisy step)"),
+            ("flow_steps", self.flow_steps >= 1, ">= 1"),
             ("best_of_n", self.best_of_n >= 1, ">= 1"),
             ("fql_alpha", self.fql_alpha >= 0, ">= 0"),
             ("edit_scale", self.edit_scale >= 0, ">= 0"),
@@ -103,7 +114,7 @@ class QAMConfig:
     @classmethod
     def paper(cls, variant: str, env_name: str, **overrides: Any) -> "QAMConfig":
         """The paper's configuration of `variant` (`qam`, `qam-fql`, `qam-edit`) on the domain of
-        `env_name` (QAM_SPEC §5.2), with `overrides` applied last."""
+        `env_name` (docs/mathematics.md §5.2), with `overrides` applied last."""
         if variant not in VARIANTS:
             raise ValueError(f"`variant={variant!r}` is not one of {', '.join(VARIANTS)}.")
         domain = domain_of(env_name)
@@ -168,15 +179,21 @@ def init(
     keys = jax.random.split(key, 5)
     critic = CriticEnsemble(
         obs_dim, dim, config.critic_hidden, num_critics=config.num_qs,
-        layer_norm=config.critic_layer_norm, key=keys[0],
+        layer_norm=config.critic_layer_norm, layer_norm_eps=config.layer_norm_eps, key=keys[0],
     )  # fmt: skip
     flow = lambda k: VelocityNetwork(
-        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm, key=k
-    )
+        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
+        layer_norm_eps=config.layer_norm_eps, key=k,
+    )  # fmt: skip
     actor_slow, actor_fast = flow(keys[1]), flow(keys[2])  # actor_fast: random, not a copy
     one_step = (
         MLP(
-            obs_dim + dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm, key=keys[3]
+            obs_dim + dim,
+            dim,
+            config.actor_hidden,
+            layer_norm=config.actor_layer_norm,
+            layer_norm_eps=config.layer_norm_eps,
+            key=keys[3],
         )
         if config.fql_alpha > 0
         else None
@@ -206,7 +223,13 @@ def init(
 
 
 def _flow_velocity(state: QAMState):
-    """The deployed flow velocity (QAM_SPEC §1.7)."""
+    """The deployed flow velocity (docs/mathematics.md §1.7).
+
+    Also the ODE that makes the one-step policy's distillation targets and the edit policy's
+    input actions in `_losses`, so these policies are trained on the flow actions they are
+    deployed on. With `inv_temp = 0` that is `actor_slow`, where the authors' implementation
+    trains them on `actor_fast`'s ODE actions (see `QAMConfig`): a deliberate difference.
+    """
     config = state.config
     if config.inv_temp == 0:
         return state.actor_slow
@@ -360,7 +383,7 @@ def _losses(params: _Trainable, state: QAMState, batch: ChunkBatch, key: PRNGKey
 def update(
     state: QAMState, batch: ChunkBatch, *, key: PRNGKeyArray
 ) -> tuple[QAMState, dict[str, Array]]:
-    """One gradient step of every module on one batch (QAM_SPEC §1, §3, §4).
+    """One gradient step of every module on one batch (docs/mathematics.md §1, §3, §4).
 
     Total loss `L_critic + L_flow + L_AM (+ QAM-FQL or QAM-EDIT terms)`, one optimiser, then
     `target <- tau * online_pre_update + (1 - tau) * target` for the critic and the BC flow.

@@ -16,7 +16,7 @@ class Transition(NamedTuple):
     """One transition `(s, a, r, mask, term, s')`, as stored in a [`qam.data.ReplayBuffer`][].
 
     Build online transitions with [`qam.data.online_transition`][] so that `mask` and
-    `terminal` follow QAM_SPEC §3.1.
+    `terminal` follow docs/mathematics.md §3.1.
     """
 
     observation: Shaped[Array, "*obs"]
@@ -36,7 +36,7 @@ def online_transition(
     terminated: Bool[ArrayLike, ""] | Real[ArrayLike, ""],
     truncated: Bool[ArrayLike, ""] | Real[ArrayLike, ""],
 ) -> Transition:
-    """Package one environment step for [`qam.data.add_transition`][] (QAM_SPEC §3.1).
+    """Package one environment step for [`qam.data.add_transition`][] (docs/mathematics.md §3.1).
 
     Stores `mask = 1 − terminated` and `terminal = terminated or truncated`: a time-limit
     truncation ends the chunk (no bootstrapping across episodes) without zeroing the target.
@@ -167,7 +167,7 @@ def sample_balanced(
     discount: float | Float[Array, ""],
 ) -> SequenceBatch:
     """Balanced (RLPD-style) sampling: half the chunks from the offline `dataset`, half from the
-    online `buffer`, each by [`qam.data.sample_sequence`][] (QAM_SPEC §3.1).
+    online `buffer`, each by [`qam.data.sample_sequence`][] (docs/mathematics.md §3.1).
 
     The first `batch_size // 2` rows of the batch come from `dataset`, the remaining
     `batch_size − batch_size // 2` from `buffer`. While the buffer holds fewer than `horizon`

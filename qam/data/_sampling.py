@@ -1,4 +1,4 @@
-"""The chunked sequence sampler of QAM_SPEC §3.1, pure and jitted."""
+"""The chunked sequence sampler of docs/mathematics.md §3.1, pure and jitted."""
 
 import functools
 from typing import NamedTuple
@@ -11,7 +11,7 @@ from ._dataset import Dataset, ReplayBuffer
 
 
 class SequenceBatch(NamedTuple):
-    """A batch of `B` chunks of `H` consecutive transitions (QAM_SPEC §3.1).
+    """A batch of `B` chunks of `H` consecutive transitions (docs/mathematics.md §3.1).
 
     - `observations`: `s_j`, the first observation of each chunk, `(B, *obs)`;
     - `actions`: `a_{j+k}` for `k = 0..H-1`, always taken from the table, even across an
@@ -93,7 +93,7 @@ def sample_sequence(
     horizon: int,
     discount: float | Float[Array, ""],
 ) -> SequenceBatch:
-    r"""Sample `batch_size` chunks of `horizon` consecutive transitions (QAM_SPEC §3.1).
+    r"""Sample `batch_size` chunks of `horizon` consecutive transitions (docs/mathematics.md §3.1).
 
     The start row is `j ~ Uniform{0, …, N−H}`; a chunk may straddle episode ends. For
     `k = 0..H−1`, with `term` the episode-boundary flags (`terminals`):
