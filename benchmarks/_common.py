@@ -16,7 +16,6 @@ command line before any backend starts.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -57,13 +56,9 @@ def _total_memory_gib() -> float | None:
 
 def package_versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
     """Installed versions (`importlib.metadata`), `"not installed"` where missing."""
-    versions = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    from qam.logging import package_versions as versions
+
+    return versions(packages)
 
 
 def machine_info(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, Any]:

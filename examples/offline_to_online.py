@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 import warnings
 
 import jax
@@ -101,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch size.")
     p.add_argument("--start-training", type=int, help="online steps before updates start.")
     p.add_argument("--utd", type=int, default=1, help="updates per online env step.")
-    p.add_argument("--buffer-size", type=int, default=1_000_000, help="replay capacity.")
+    p.add_argument("--buffer-size", type=int, default=None,
+                   help="cap on the replay buffer's rows (default: dataset + online steps, so no "
+                        "offline row is evicted; with a cap, online rows overwrite the oldest "
+                        "rows, offline ones first).")  # fmt: skip
     p.add_argument(
         "--seeds",
         type=int,
@@ -223,27 +225,24 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {error}")
     from qam import logging as qlog
 
-    os.makedirs(run.out_dir, exist_ok=True)
     resume_step = latest_checkpoint_step(run.out_dir)
-    start = time.time()
-    config_record = {"run": dataclasses.asdict(run), "agent": dataclasses.asdict(agent_config)}
+    config_record = {"run": dataclasses.asdict(run), "agent": dataclasses.asdict(agent_config),
+                     "versions": qlog.package_versions()}  # fmt: skip
+    bar = None
+    last = [resume_step or 0]
+
+    def progress(step, info):
+        if bar is not None:
+            bar.update(step - last[0], **_postfix(info))
+        last[0] = step
+
+    try:  # loads and checks the dataset before anything is written to `--out`
+        trainer = Trainer(run, agent_config, log=lambda *a: None, progress=progress)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {_cli_wording(str(error))}")
     with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=args.tensorboard,
                      wandb=args.wandb, config=config_record) as logger:  # fmt: skip
-        bar = None
-        last = [resume_step or 0]
-
-        def progress(step, info):
-            if bar is not None:
-                bar.update(step - last[0], **_postfix(info))
-            last[0] = step
-
-        try:
-            trainer = Trainer(
-                run, agent_config, log=lambda s, m, prefix: logger.log(s, m, prefix=prefix),
-                progress=progress,
-            )  # fmt: skip
-        except (FileNotFoundError, ValueError) as error:
-            sys.exit(f"error: {error}")
+        trainer.log = lambda step, metrics, prefix: logger.log(step, metrics, prefix=prefix)
         _write_json(os.path.join(run.out_dir, "dataset.json"), trainer.data.info.to_dict())
         _write_json(os.path.join(run.out_dir, "config.json"), config_record)
         if resume_step:
@@ -252,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         bar = qlog.ProgressBar(total=total, initial=resume_step or 0, disable=args.no_progress)
         try:
             result = trainer.train()
-        except FloatingPointError as error:
-            sys.exit(f"error: {error}")
+        except (FloatingPointError, ValueError) as error:
+            sys.exit(f"error: {_cli_wording(str(error))}")
         finally:
             bar.close()
     plot = os.path.join(run.out_dir, "learning_curve.png")
@@ -262,10 +261,17 @@ def main(argv: list[str] | None = None) -> dict:
     text = qlog.summary(
         run.out_dir, task=run.env_name, method=run.agent, seeds=list(run.seeds),
         evals=result["evals"], bc_success=result["bc"], offline_steps=run.offline_steps,
-        online_steps=run.online_steps, wall_time=time.time() - start,
+        online_steps=run.online_steps, wall_time=result["wall_time_s"],
     )  # fmt: skip
     print(text)
     return result
+
+
+def _cli_wording(message: str) -> str:
+    """Library messages name keyword arguments (`dataset_dir=...`); say the flag instead."""
+    return message.replace("the `dataset_dir` argument", "`--dataset-dir`").replace(
+        "`dataset_dir` argument", "`--dataset-dir` option"
+    )
 
 
 def _postfix(info: dict) -> dict:

@@ -24,10 +24,12 @@ and JSONL files to an uninterrupted run. `resume_step=None` starts the logs afre
 
 import csv
 import dataclasses
+import importlib.metadata
 import io
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -45,6 +47,7 @@ __all__ = [
     "ProgressBar",
     "atomic_write_bytes",
     "atomic_write_text",
+    "package_versions",
     "plot_learning_curve",
     "read_eval_curve",
     "summary",
@@ -56,6 +59,23 @@ StrPath = str | os.PathLike
 # The process umask, read once (the only portable way to read it is to set it).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+# The packages whose versions decide a run's numbers, recorded in every run's `config.json`.
+RUN_PACKAGES = ("qam", "jax", "jaxlib", "equinox", "optax", "diffrax", "lineax", "numpy",
+                "ogbench", "mujoco", "gymnasium")  # fmt: skip
+
+
+def package_versions(packages: Iterable[str] = RUN_PACKAGES) -> dict[str, str]:
+    """Python's and the installed packages' versions (`importlib.metadata`), `"not installed"`
+    where a package is missing."""
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 # ------------------------------------------------------------------------- atomic writes
@@ -643,8 +663,8 @@ def read_eval_curve(
 ) -> dict[str, np.ndarray]:
     """Our evaluation curve from `eval.csv` (or `eval.jsonl`), or from rows in memory.
 
-    Rows without `metric` (e.g. the behaviour-cloning row, which holds `bc_success`) are skipped;
-    a later row at the same step replaces an earlier one.
+    Rows without `metric` (e.g. a row holding only the behaviour-cloning policy's `bc_success`)
+    are skipped; a later row at the same step replaces an earlier one.
 
     **Arguments:**
 

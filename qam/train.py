@@ -10,8 +10,10 @@ run would (bit-identical on CPU).
 """
 
 import dataclasses
+import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +48,10 @@ class RunConfig:
     batch_size: int = 256
     start_training: int = 5_000  # online env steps before updates start
     utd_ratio: int = 1
-    buffer_size: int = 1_000_000
+    # None: dataset + online steps, so no offline row is ever evicted (the reference's
+    # sizing). An int caps the replay buffer at max(buffer_size, dataset size) rows; past the
+    # cap each online transition overwrites the oldest row, offline rows first.
+    buffer_size: int | None = None
     checkpoint_interval: int = 50_000
     sparse: bool | None = None  # None: the paper's default for the domain
     max_episode_steps: int | None = None  # None: the environment's own limit
@@ -58,9 +63,11 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}.")
         for name in ("eval_episodes", "eval_interval", "log_interval", "batch_size", "utd_ratio",
-                     "buffer_size", "checkpoint_interval"):  # fmt: skip
+                     "checkpoint_interval"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
+        if self.buffer_size is not None and self.buffer_size < 1:
+            raise ValueError(f"`buffer_size` must be >= 1 or None; got {self.buffer_size}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` must be distinct and non-empty; got {self.seeds}.")
         for name in ("eval_interval", "checkpoint_interval"):
@@ -101,6 +108,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, agent_config: Any, *, log: Callable[[int, dict, str], None],
                  progress: Callable[[int, dict], None] | None = None):  # fmt: skip
+        self._started = time.time()
         self.run = run
         self.config = agent_config
         self.agent = AGENTS[run.agent]
@@ -123,6 +131,7 @@ class Trainer:
         self.states = eqx.filter_vmap(
             lambda k: self.agent.init(k, obs_example, action_example, agent_config)
         )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds]))
+        self._read_latest()  # refuse a mismatched earlier run before anything is written
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, states: Any, step: int, *, bc: bool = False) -> dict[str, np.ndarray]:
@@ -175,24 +184,71 @@ class Trainer:
     def _checkpoint_paths(self) -> tuple[str, str]:
         return _checkpoint_paths(self.run.out_dir)
 
+    def buffer_capacity(self) -> int:
+        """Rows of each seed's replay buffer: the dataset plus every online step (nothing is
+        evicted), or `max(buffer_size, N)` when `RunConfig.buffer_size` caps it."""
+        if self.run.buffer_size is None:
+            return self.dataset.size + self.run.online_steps
+        return max(self.run.buffer_size, self.dataset.size)
+
+    def dataset_reference(self) -> dict[str, Any]:
+        """What a checkpoint records of the offline dataset instead of a copy of it: the files
+        it was read from and the SHA-256 of the arrays as loaded (after relabelling and the
+        transforms), which a resumed run must reproduce."""
+        if not hasattr(self, "_dataset_sha256"):
+            digest = hashlib.sha256()
+            for leaf in jax.tree.leaves(self.dataset):
+                array = np.ascontiguousarray(np.asarray(leaf))
+                digest.update(f"{array.dtype}{array.shape}".encode())
+                digest.update(array.tobytes())
+            self._dataset_sha256 = digest.hexdigest()
+        files = [{"path": f["path"], "bytes": f["bytes"]} for f in self.data.info.files]
+        return {"files": files, "rows": self.dataset.size, "sha256": self._dataset_sha256}
+
+    def _online_positions(self, written: int) -> np.ndarray:
+        """Physical buffer rows of the online transitions still in the buffer after `written`
+        appends, oldest first (the ring starts writing at row N)."""
+        capacity = self.buffer_capacity()
+        kept = min(written, capacity)
+        return (self.dataset.size + np.arange(written - kept, written)) % capacity
+
     def save_checkpoint(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
-        """Write `ckpt-<step>.eqx` (agent states, replay buffers) then `latest.json` pointing
-        at it, each atomically; older checkpoint files are removed afterwards."""
+        """Write `ckpt-<step>.eqx` (agent states and, online, the replay buffers' online rows)
+        then `latest.json` pointing at it, each atomically; older checkpoint files are
+        removed afterwards.
+
+        The offline dataset is not copied into checkpoints: `latest.json` records a
+        reference to it (`dataset_reference`) and only the rows written online are saved, so
+        a checkpoint is the size of the agent state plus the online data."""
         directory, latest = self._checkpoint_paths()
         os.makedirs(directory, exist_ok=True)
         name = f"ckpt-{step:09d}.eqx"
         tmp = os.path.join(directory, name + ".tmp")
+        online_rows = None
+        written = 0
+        if buffers is not None:
+            written = step - self.run.offline_steps
+            expected = (self.dataset.size + written) % self.buffer_capacity()
+            if not np.all(np.asarray(buffers.insert_index) == expected):  # pragma: no cover
+                raise AssertionError("replay buffer position does not match the step count")
+            positions = jnp.asarray(self._online_positions(written))
+            online_rows = jax.tree.map(lambda x: x[:, positions], buffers.data)
         with open(tmp, "wb") as f:
-            eqx.tree_serialise_leaves(f, (self.states, buffers))
+            eqx.tree_serialise_leaves(f, (self.states, online_rows))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(directory, name))
-        _atomic_json(latest, dict(meta, step=step, file=name, phase_buffers=buffers is not None))
+        meta = dict(meta, wall_time_s=self._wall_time(meta))
+        record = dict(meta, step=step, file=name, phase_buffers=buffers is not None,
+                      online_written=written, dataset=self.dataset_reference())  # fmt: skip
+        _atomic_json(latest, record)
         for old in os.listdir(directory):
             if old.startswith("ckpt-") and old.endswith(".eqx") and old != name:
                 os.remove(os.path.join(directory, old))
 
-    def load_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
+    def _read_latest(self) -> dict[str, Any] | None:
+        """`latest.json` of an earlier run in `out_dir`, checked against this run's
+        configuration and dataset; `None` for a fresh run."""
         directory, latest = self._checkpoint_paths()
         if not os.path.exists(latest):
             return None
@@ -205,18 +261,59 @@ class Trainer:
                 f"  checkpoint: {meta.get('run')}\n"
                 f"  this run:   {_run_signature(self.run, self.config)}"
             )
-        buffers_like = self._new_buffers() if meta["phase_buffers"] else None
+        saved, current = meta.get("dataset"), self.dataset_reference()
+        if saved is not None and saved["sha256"] != current["sha256"]:
+            paths = ", ".join(f["path"] for f in saved["files"]) or "?"
+            raise ValueError(
+                f"the offline dataset changed since the checkpoint in {directory} was written "
+                f"(it was read from {paths}: {saved['rows']} rows, sha256 {saved['sha256']}; "
+                f"now {current['rows']} rows, sha256 {current['sha256']}). Restore that "
+                "dataset to resume, or start a new run with another `--out`."
+            )
+        return meta
+
+    def load_checkpoint(self) -> tuple[dict[str, Any], Any] | None:
+        """The latest checkpoint's metadata and replay buffers (`None` offline); restores the
+        agent states in place. `None` for a fresh run."""
+        meta = self._read_latest()
+        if meta is None:
+            return None
+        directory, _ = self._checkpoint_paths()
+        written = int(meta.get("online_written", 0))
+        rows_like = None
+        if meta["phase_buffers"]:
+            kept = len(self._online_positions(written))
+            rows_like = jax.tree.map(
+                lambda x: jnp.zeros((self.num_seeds, kept, *x.shape[1:]), x.dtype), self.dataset
+            )
         path = os.path.join(directory, meta["file"])
         try:
-            self.states, buffers = eqx.tree_deserialise_leaves(path, (self.states, buffers_like))
+            self.states, rows = eqx.tree_deserialise_leaves(path, (self.states, rows_like))
         except Exception as error:  # corrupt or truncated
             raise ValueError(f"checkpoint file {path} could not be read ({error}).") from error
+        buffers = None
+        if rows is not None:
+            buffers = self._new_buffers()
+            positions = jnp.asarray(self._online_positions(written))
+            data = jax.tree.map(lambda b, r: b.at[:, positions].set(r), buffers.data, rows)
+            capacity = self.buffer_capacity()
+            seeds = (self.num_seeds,)
+            size = jnp.full(seeds, min(self.dataset.size + written, capacity), jnp.int32)
+            insert = jnp.full(seeds, (self.dataset.size + written) % capacity, jnp.int32)
+            # tree_at, not the constructor: the buffers carry a leading seed axis.
+            buffers = eqx.tree_at(
+                lambda b: (b.data, b.size, b.insert_index), buffers, (data, size, insert)
+            )
         return meta, buffers
 
     def _new_buffers(self) -> Any:
-        capacity = max(self.run.buffer_size, self.dataset.size)
-        one = qd.replay_buffer_from_dataset(self.dataset, capacity=capacity)
+        one = qd.replay_buffer_from_dataset(self.dataset, capacity=self.buffer_capacity())
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_seeds, *x.shape)), one)
+
+    def _wall_time(self, meta: dict[str, Any]) -> float:
+        """Seconds spent on this run: earlier sessions' (up to their last checkpoint) plus
+        this one's."""
+        return float(meta.get("wall_time_s", 0.0)) + time.time() - self._started
 
     # ----------------------------------------------------------------- the run
     def train(self) -> dict[str, Any]:
@@ -243,27 +340,31 @@ class Trainer:
             _check_finite(metrics, step)
             self.log(step, metrics, "train")
             self.progress(step, metrics)
-            self._maybe_eval(step, meta, final=step == offline_end)
-            if step == offline_end and meta["bc"] is None:
-                bc = self.evaluate(self.states, step, bc=True)
-                meta["bc"] = bc["success"].tolist()
-                self.log(step, {"bc_success": bc["success"], "bc_return": bc["return"]}, "eval")
+            self._maybe_eval(step, meta, final=step == offline_end, bc=step == offline_end)
             if step % run.checkpoint_interval == 0 or step == offline_end:
                 self.save_checkpoint(step, meta, None)
         if run.online_steps > 0:
             self._online(step, meta, buffers)
-        return meta
+        return dict(meta, wall_time_s=self._wall_time(meta))
 
-    def _maybe_eval(self, step: int, meta: dict[str, Any], *, final: bool) -> None:
-        if step % self.run.eval_interval and not final:
-            return
-        if any(e["step"] == step for e in meta["evals"]):
-            return
-        result = self.evaluate(self.states, step)
-        meta["evals"].append({"step": step, "success": result["success"].tolist(),
-                              "return": result["return"].tolist()})  # fmt: skip
-        self.log(step, result, "eval")
-        self.progress(step, {"success": result["success"]})
+    def _maybe_eval(self, step: int, meta: dict[str, Any], *, final: bool, bc: bool = False):
+        """Evaluate when due (every `eval_interval` steps and at the end of each phase) and,
+        with `bc`, the behaviour-cloning policy once; one `eval` log row per step."""
+        row: dict[str, Any] = {}
+        due = not (step % self.run.eval_interval and not final)
+        if due and not any(e["step"] == step for e in meta["evals"]):
+            result = self.evaluate(self.states, step)
+            meta["evals"].append({"step": step, "success": result["success"].tolist(),
+                                  "return": result["return"].tolist()})  # fmt: skip
+            row.update(result)
+        if bc and meta["bc"] is None:
+            result = self.evaluate(self.states, step, bc=True)
+            meta["bc"] = result["success"].tolist()
+            row.update(bc_success=result["success"], bc_return=result["return"])
+        if row:
+            self.log(step, row, "eval")
+        if "success" in row:
+            self.progress(step, {"success": row["success"]})
 
     def _online(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
         run = self.run

@@ -2,6 +2,7 @@
 
 import warnings
 from types import ModuleType
+from typing import Any
 
 
 def import_ogbench() -> ModuleType:
@@ -21,3 +22,33 @@ def import_ogbench() -> ModuleType:
         except ImportError:  # pragma: no cover
             pass
     return ogbench
+
+
+_CAST_WARNING = ".*precision lowered by casting.*"
+
+
+def make_gym_env(env_id: str, **kwargs: Any) -> Any:
+    """`gymnasium.make(env_id, **kwargs)` for an OGBench environment, without gymnasium's
+    warning that OGBench's float64 box bounds are cast to float32.
+
+    OGBench's manipulation environments build a new action `Box` on every access of
+    `action_space`, which happens on every `reset`; the warning is harmless and would repeat.
+    It is silenced only around `make`, `reset` and `step` of the environments made here."""
+    import gymnasium
+
+    import_ogbench()  # registers the environments
+
+    class QuietCasts(gymnasium.Wrapper):
+        def reset(self, **reset_kwargs: Any) -> Any:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_CAST_WARNING)
+                return self.env.reset(**reset_kwargs)
+
+        def step(self, action: Any) -> Any:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_CAST_WARNING)
+                return self.env.step(action)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CAST_WARNING)
+        return QuietCasts(gymnasium.make(env_id, **kwargs))

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._compat import import_ogbench
+from ._compat import import_ogbench, make_gym_env
 from ._dataset import Dataset, dataset_from_numpy
 
 
@@ -148,7 +148,7 @@ def resolve_dataset_dir(dataset_dir: str | os.PathLike | None = None) -> tuple[s
     then OGBench's default `~/.ogbench/data`. Returns `(absolute path, source)`.
     """
     if dataset_dir is not None:
-        return os.path.abspath(os.path.expanduser(os.fspath(dataset_dir))), "dataset_dir argument"
+        return os.path.abspath(os.path.expanduser(os.fspath(dataset_dir))), "`dataset_dir` argument"
     for var in DATASET_DIR_ENV_VARS:
         value = os.environ.get(var)
         if value:
@@ -174,8 +174,8 @@ def _not_found(path: str, parsed: OGBenchName, directory: str, source: str) -> D
     files = f"{parsed.dataset_name}.npz and {parsed.dataset_name}-val.npz"
     lines = [
         f"OGBench dataset file not found: {path}",
-        f"Directory searched: {directory} (from the {source}; set it with dataset_dir=..., "
-        f"${DATASET_DIR_ENV_VARS[0]} or ${DATASET_DIR_ENV_VARS[1]}; default "
+        f"Directory searched: {directory} (from the {source}; set it with the `dataset_dir` "
+        f"argument, ${DATASET_DIR_ENV_VARS[0]} or ${DATASET_DIR_ENV_VARS[1]}; default "
         f"{DEFAULT_DATASET_DIR}).",
         "qam never downloads datasets. Ways out:",
         f"  1. place the official files {files} in {directory} (OGBench's files from "
@@ -312,7 +312,8 @@ class DatasetInfo:
     - `dataset_dir`, `dataset_dir_source`: where files were looked up and why there;
     - `files`: one record per file read (`path`, `bytes`, `modified`, and `generated` for
       files written by `qam.data.generate`);
-    - `num_train`, `num_val`: transitions loaded (`num_val = 0` when not loaded);
+    - `num_train`, `num_val`: transitions in the training and validation files (`num_val` is
+      counted from the file when it is not loaded, and is 0 when there is no such file);
     - `shard_index`, `num_shards`: for sharded (100M) datasets, else `None`.
     """
 
@@ -363,7 +364,7 @@ def make_env(env_name: str, **env_kwargs: Any) -> Any:
     parsed = parse_env_name(env_name)
     if parsed.env_id not in gymnasium.registry:
         raise _unknown(env_name, f"ogbench {ogbench_version()} does not register {parsed.env_id}")
-    return gymnasium.make(parsed.env_id, **env_kwargs)
+    return make_gym_env(parsed.env_id, **env_kwargs)
 
 
 def _resolve_transforms(
@@ -443,9 +444,23 @@ def load_ogbench(
     val = datasets[1] if load_val else None
     info = _dataset_info(
         env_name, parsed, sparse, action_clip_eps, directory, source, paths,
-        num_train=train.size, num_val=0 if val is None else val.size,
+        num_train=train.size,
+        num_val=_count_transitions(directory, parsed) if val is None else val.size,
     )  # fmt: skip
     return OGBenchData(env=env if make_env else None, train=train, val=val, info=info)
+
+
+def _count_transitions(directory: str, parsed: OGBenchName) -> int:
+    """Transitions in the validation file without loading it (0 if there is none): OGBench's
+    regular format drops each trajectory's last row, so it is the number of non-terminal rows."""
+    path = os.path.join(directory, f"{parsed.dataset_name}-val.npz")
+    if not os.path.isfile(path):
+        return 0
+    try:
+        with np.load(path) as file:
+            return int(np.sum(file["terminals"] == 0))
+    except Exception as error:  # corrupt: the count is only informative
+        raise DatasetFileError(f"{path}: could not read `terminals` ({error}).") from error
 
 
 def _dataset_info(

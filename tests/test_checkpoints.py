@@ -1,0 +1,177 @@
+"""Replay-buffer sizing, checkpoints the size of the state, and the run records around them."""
+
+import json
+import os
+import pathlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import load_script
+
+import qam.data as qd
+from qam.agents import QAMConfig
+from qam.data._sampling import _buffer_starts
+from qam.train import RunConfig, Trainer
+
+
+pytestmark = pytest.mark.standard_promotion
+
+ENV = "cube-double-play-singletask-task1-v0"
+CONFIG = QAMConfig(
+    actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, flow_steps=3, edit_scale=0.1,
+    inv_temp=1.0,
+)  # fmt: skip
+ONLINE = 24
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "offline_to_online.py"
+
+
+def _run(dataset_dir, out_dir, **kw):
+    settings = dict(
+        env_name=ENV, agent="qam-edit", offline_steps=8, online_steps=ONLINE, eval_episodes=1,
+        eval_interval=8, log_interval=8, seeds=(0, 3), out_dir=str(out_dir),
+        dataset_dir=dataset_dir, batch_size=8, start_training=4, checkpoint_interval=8,
+        max_episode_steps=12,
+    )  # fmt: skip
+    settings.update(kw)
+    return RunConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dataset_dir, tmp_path_factory):
+    """One finished offline + online run (default buffer sizing) and its logs."""
+    out = tmp_path_factory.mktemp("run")
+    logs: list = []
+    trainer = Trainer(_run(tiny_dataset_dir, out), CONFIG, log=lambda s, m, p: logs.append((p, s, m)))
+    result = trainer.train()
+    return trainer, result, logs, out
+
+
+def test_default_buffer_keeps_every_offline_row(finished):
+    trainer, _, _, _ = finished
+    meta, buffers = trainer.load_checkpoint()
+    n = trainer.dataset.size
+    assert trainer.buffer_capacity() == n + ONLINE
+    np.testing.assert_array_equal(np.asarray(buffers.size), [n + ONLINE] * 2)
+    for field in ("observations", "actions", "rewards", "masks", "terminals"):
+        kept = np.asarray(getattr(buffers.data, field))[:, :n]
+        original = np.asarray(getattr(trainer.dataset, field))
+        for seed in range(2):
+            np.testing.assert_array_equal(kept[seed], original, err_msg=field)
+    # Chunk starts are uniform over the filled ring: after the online phase every offline row
+    # still starts a chunk with probability 1 / (N + online - H + 1) (nothing was evicted).
+    one = jax.tree.map(lambda x: x[0], buffers)
+    draws = 200_000
+    starts = np.asarray(_buffer_starts(one, jax.random.PRNGKey(0), draws, CONFIG.horizon))
+    valid = n + ONLINE - CONFIG.horizon + 1
+    counts = np.bincount(starts, minlength=n + ONLINE)
+    p = 1.0 / valid
+    se = np.sqrt(draws * p * (1 - p))
+    assert np.all(counts[:n] > 0)
+    assert np.max(np.abs(counts[:n] - draws * p)) < 5 * se
+    assert np.all(counts[valid:] == 0)  # starts too close to the newest row are not drawn
+
+
+def test_capped_buffer_evicts_the_oldest_offline_rows(tiny_dataset_dir, tmp_path):
+    data = qd.load_ogbench(ENV, dataset_dir=tiny_dataset_dir, load_val=False)
+    n = data.train.size
+    cap = n + 10
+    trainer = Trainer(_run(tiny_dataset_dir, tmp_path, buffer_size=cap), CONFIG,
+                      log=lambda *a: None)  # fmt: skip
+    trainer.train()
+    _, buffers = trainer.load_checkpoint()
+    assert trainer.buffer_capacity() == cap
+    assert int(buffers.size[0]) == cap and int(buffers.insert_index[0]) == (n + ONLINE) % cap
+    evicted = ONLINE - 10  # online rows 10..23 overwrote offline rows 0..13
+    original = np.asarray(data.train.observations)
+    kept = np.asarray(buffers.data.observations[0])
+    np.testing.assert_array_equal(kept[evicted:n], original[evicted:n])
+    assert not np.array_equal(kept[:evicted], original[:evicted])
+
+
+def test_checkpoint_holds_the_state_and_online_rows_only(finished):
+    trainer, _, _, out = finished
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    path = out / "checkpoints" / latest["file"]
+    states_only = out / "states-only.eqx"
+    eqx.tree_serialise_leaves(states_only, (trainer.states, None))
+    rows = latest["online_written"]
+    assert rows == ONLINE
+    obs_dim = trainer.dataset.observations.shape[1]
+    action_dim = trainer.dataset.action_dim
+    row_bytes = 4 * (2 * obs_dim + action_dim + 3)  # float32 obs, next obs, action, r, mask, term
+    online_bytes = 2 * rows * row_bytes  # two seeds
+    leaf_headers = 6 * 200  # one .npy header per field, generously
+    size = path.stat().st_size
+    assert states_only.stat().st_size + online_bytes <= size
+    assert size <= states_only.stat().st_size + online_bytes + leaf_headers
+    assert latest["dataset"]["rows"] == trainer.dataset.size
+    assert latest["dataset"]["files"][0]["path"].endswith("cube-double-play-v0.npz")
+
+
+def test_resume_from_a_finished_run_restores_the_buffer_exactly(finished, tiny_dataset_dir):
+    trainer, result, _, out = finished
+    _, buffers = trainer.load_checkpoint()
+    again = Trainer(_run(tiny_dataset_dir, out), CONFIG, log=lambda *a: None)
+    _, restored = again.load_checkpoint()
+    for a, b in zip(jax.tree.leaves(buffers), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+    # A rerun of a finished run redoes nothing, and its wall time is the accumulated one.
+    rerun = again.train()
+    assert rerun["evals"] == result["evals"]
+    assert rerun["wall_time_s"] >= json.loads(
+        (out / "checkpoints" / "latest.json").read_text()
+    )["wall_time_s"]
+
+
+def test_a_changed_dataset_is_refused_on_resume(tiny_dataset_dir, tmp_path):
+    Trainer(_run(tiny_dataset_dir, tmp_path / "run", online_steps=0), CONFIG,
+            log=lambda *a: None).train()  # fmt: skip
+    other = tmp_path / "other"
+    qd.generate_dataset(
+        "cube-double-v0", "play", num_episodes=3, out_dir=other, seed=1,
+        max_episode_steps=40, progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="offline dataset changed"):
+        Trainer(_run(str(other), tmp_path / "run", online_steps=0), CONFIG, log=lambda *a: None)
+
+
+def test_one_eval_row_per_step_with_the_bc_policy_beside(finished):
+    _, result, logs, _ = finished
+    eval_steps = [s for p, s, _ in logs if p == "eval"]
+    assert eval_steps == sorted(set(eval_steps)) == [8, 16, 24, 32]
+    offline_end = next(m for p, s, m in logs if p == "eval" and s == 8)
+    assert {"success", "return", "bc_success", "bc_return"} <= set(offline_end)
+    assert result["bc"] == np.asarray(offline_end["bc_success"]).tolist()
+
+
+def test_num_val_counts_the_validation_file_when_not_loaded(tiny_dataset_dir):
+    unloaded = qd.load_ogbench(ENV, dataset_dir=tiny_dataset_dir, load_val=False, make_env=False)
+    loaded = qd.load_ogbench(ENV, dataset_dir=tiny_dataset_dir, load_val=True, make_env=False)
+    assert loaded.val is not None
+    assert unloaded.info.num_val == loaded.info.num_val == loaded.val.size > 0
+
+
+def test_cli_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    cli = load_script(SCRIPT, "offline_to_online")
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--env", ENV, "--dataset-dir", str(tmp_path / "missing"), "--out", str(out),
+                  "--no-progress"])  # fmt: skip
+    message = str(exc.value)
+    assert message.startswith("error: OGBench dataset file not found")
+    assert "--dataset-dir" in message and "dataset_dir=" not in message
+    assert not os.path.exists(out)
+
+
+def test_environments_do_not_warn_about_float32_casts(tiny_dataset_dir):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = qd.load_ogbench(ENV, dataset_dir=tiny_dataset_dir, load_val=False)
+        env = data.env
+        env.reset(seed=0)
+        env.step(jnp.zeros(data.train.action_dim).tolist())
