@@ -226,6 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
     from qam import logging as qlog
 
     resume_step = latest_checkpoint_step(run.out_dir)
+    foreign = _foreign_files(run.out_dir) if resume_step is None else []
+    if foreign:
+        sys.exit(
+            f"error: --out {run.out_dir} holds files that are not this job's run files "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and no checkpoint "
+            "to resume from; a fresh run would overwrite its logs there. Choose another --out."
+        )
     config_record = {"run": dataclasses.asdict(run), "agent": dataclasses.asdict(agent_config),
                      "versions": qlog.package_versions()}  # fmt: skip
     bar = None
@@ -265,6 +272,21 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     print(text)
     return result
+
+
+# What a run writes into `--out`; a fresh run may start over a directory holding only these
+# (an earlier attempt that died before its first checkpoint).
+RUN_FILES = {
+    "train.csv", "train.jsonl", "eval.csv", "eval.jsonl", "config.json", "dataset.json",
+    "learning_curve.png", "summary.txt", "summary.json", "checkpoints", "tensorboard", "wandb",
+    "wandb_run_id.txt",
+}  # fmt: skip
+
+
+def _foreign_files(out_dir: str) -> list[str]:
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(name for name in os.listdir(out_dir) if name not in RUN_FILES)
 
 
 def _cli_wording(message: str) -> str:

@@ -44,7 +44,9 @@ def finished(tiny_dataset_dir, tmp_path_factory):
     """One finished offline + online run (default buffer sizing) and its logs."""
     out = tmp_path_factory.mktemp("run")
     logs: list = []
-    trainer = Trainer(_run(tiny_dataset_dir, out), CONFIG, log=lambda s, m, p: logs.append((p, s, m)))
+    trainer = Trainer(
+        _run(tiny_dataset_dir, out), CONFIG, log=lambda s, m, p: logs.append((p, s, m))
+    )
     result = trainer.train()
     return trainer, result, logs, out
 
@@ -121,9 +123,10 @@ def test_resume_from_a_finished_run_restores_the_buffer_exactly(finished, tiny_d
     # A rerun of a finished run redoes nothing, and its wall time is the accumulated one.
     rerun = again.train()
     assert rerun["evals"] == result["evals"]
-    assert rerun["wall_time_s"] >= json.loads(
-        (out / "checkpoints" / "latest.json").read_text()
-    )["wall_time_s"]
+    assert (
+        rerun["wall_time_s"]
+        >= json.loads((out / "checkpoints" / "latest.json").read_text())["wall_time_s"]
+    )
 
 
 def test_a_changed_dataset_is_refused_on_resume(tiny_dataset_dir, tmp_path):
@@ -175,3 +178,16 @@ def test_environments_do_not_warn_about_float32_casts(tiny_dataset_dir):
         env = data.env
         env.reset(seed=0)
         env.step(jnp.zeros(data.train.action_dim).tolist())
+
+
+def test_cli_refuses_a_fresh_run_over_foreign_files(tmp_path):
+    cli = load_script(SCRIPT, "offline_to_online")
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "experiments.jsonl").write_text('{"step": 1}\n')
+    (out / "experiments.csv").write_text("step\n1\n")
+    with pytest.raises(SystemExit, match="not this job's run files"):
+        cli.main(["--env", ENV, "--dataset-dir", str(tmp_path / "missing"), "--out", str(out),
+                  "--no-progress"])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["experiments.csv", "experiments.jsonl"]
+    assert (out / "experiments.jsonl").read_text() == '{"step": 1}\n'
