@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -27,7 +28,7 @@ import jax
 from qam import data as qd
 from qam.agents import QAMConfig
 from qam.logging import atomic_write_text
-from qam.train import AGENTS, RunConfig, Trainer, latest_checkpoint_step
+from qam.train import AGENTS, RunConfig, Trainer, TrainingInterrupted, latest_checkpoint_step
 
 
 DEFAULT_ENV = "cube-single-play-singletask-task1-v0"
@@ -256,12 +257,31 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"Resuming from step {resume_step} in {run.out_dir}")
         total = run.offline_steps + run.online_steps
         bar = qlog.ProgressBar(total=total, initial=resume_step or 0, disable=args.no_progress)
+
+        def stop(signum, frame):  # the first signal stops cleanly, a second one at once
+            if trainer.stop_requested:
+                raise KeyboardInterrupt
+            trainer.request_stop()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             result = trainer.train()
+        except KeyboardInterrupt:
+            bar.close()
+            last = latest_checkpoint_step(run.out_dir)
+            sys.exit(f"\nInterrupted twice: stopped without a new checkpoint; the last one is "
+                     f"at step {last or 0:,}. Run the same command again to resume.")  # fmt: skip
+        except TrainingInterrupted as interrupted:
+            bar.close()
+            print(f"\nInterrupted: checkpoint written at step {interrupted.step:,} in {run.out_dir}. "
+                  "Run the same command again to resume.", file=sys.stderr)  # fmt: skip
+            sys.exit(130)
         except (FloatingPointError, ValueError) as error:
             sys.exit(f"error: {_cli_wording(str(error))}")
         finally:
             bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     plot = os.path.join(run.out_dir, "learning_curve.png")
     qlog.plot_learning_curve(os.path.join(run.out_dir, "eval.csv"), plot, task=run.env_name,
                              method=run.agent, offline_steps=run.offline_steps)  # fmt: skip

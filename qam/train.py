@@ -103,12 +103,22 @@ def bc_policy(state: Any) -> Any:
     return dataclasses.replace(state, config=config)
 
 
+class TrainingInterrupted(Exception):
+    """`Trainer.train` stopped after `Trainer.request_stop()`; a checkpoint of `step` was
+    written, so running the same configuration on the same `out_dir` resumes from it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training stopped at step {step}; a checkpoint of it was written")
+        self.step = step
+
+
 class Trainer:
     """Runs one `RunConfig` with an agent config; see `examples/offline_to_online.py`."""
 
     def __init__(self, run: RunConfig, agent_config: Any, *, log: Callable[[int, dict, str], None],
                  progress: Callable[[int, dict], None] | None = None):  # fmt: skip
         self._started = time.time()
+        self._stop = False
         self.run = run
         self.config = agent_config
         self.agent = AGENTS[run.agent]
@@ -132,6 +142,17 @@ class Trainer:
             lambda k: self.agent.init(k, obs_example, action_example, agent_config)
         )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds]))
         self._read_latest()  # refuse a mismatched earlier run before anything is written
+
+    def request_stop(self) -> None:
+        """Ask `train` to stop at the next point where a checkpoint keeps resume exact (after
+        the current offline chunk of `log_interval` updates, or the current online step): it
+        writes that checkpoint and raises `TrainingInterrupted`. Safe to call from a signal
+        handler."""
+        self._stop = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, states: Any, step: int, *, bc: bool = False) -> dict[str, np.ndarray]:
@@ -341,8 +362,10 @@ class Trainer:
             self.log(step, metrics, "train")
             self.progress(step, metrics)
             self._maybe_eval(step, meta, final=step == offline_end, bc=step == offline_end)
-            if step % run.checkpoint_interval == 0 or step == offline_end:
+            if step % run.checkpoint_interval == 0 or step == offline_end or self._stop:
                 self.save_checkpoint(step, meta, None)
+            if self._stop:
+                raise TrainingInterrupted(step)
         if run.online_steps > 0:
             self._online(step, meta, buffers)
         return dict(meta, wall_time_s=self._wall_time(meta))
@@ -439,10 +462,12 @@ class Trainer:
                 self.log(step, host, "train")
                 self.progress(step, host)
             self._maybe_eval(step, meta, final=step == total)
-            if step % run.checkpoint_interval == 0 or step == total:
+            if step % run.checkpoint_interval == 0 or step == total or self._stop:
                 online["queue"] = [[a.tolist() for a in q] for q in queues]
                 meta["online"] = online
                 self.save_checkpoint(step, meta, buffers)
+            if self._stop:
+                raise TrainingInterrupted(step)
 
 
 # Compiled once per (agent, shapes, static settings) and shared by every Trainer in a process.

@@ -191,3 +191,39 @@ def test_cli_refuses_a_fresh_run_over_foreign_files(tmp_path):
                   "--no-progress"])  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["experiments.csv", "experiments.jsonl"]
     assert (out / "experiments.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_requested_stop_checkpoints_and_resumes_bit_identically(
+    finished, tiny_dataset_dir, tmp_path, monkeypatch
+):
+    """`request_stop` (what SIGINT / SIGTERM do in the main job) in the middle of the online
+    phase, between two regular checkpoints: the resumed run ends exactly as the uninterrupted
+    one."""
+    import qam.train as train
+
+    reference, result, logs, _ = finished
+    trainer = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG, log=lambda *a: None)
+    real, calls = train._add_all, []
+
+    def add_and_maybe_stop(buffers, transitions):
+        calls.append(1)
+        if len(calls) == 11:  # online step 19: not a multiple of checkpoint_interval
+            trainer.request_stop()
+        return real(buffers, transitions)
+
+    monkeypatch.setattr(train, "_add_all", add_and_maybe_stop)
+    with pytest.raises(train.TrainingInterrupted) as stopped:
+        trainer.train()
+    assert stopped.value.step == 19
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 19
+    monkeypatch.setattr(train, "_add_all", real)
+    resumed_logs: list = []
+    resumed = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG,
+                      log=lambda s, m, p: resumed_logs.append((p, s, m)))  # fmt: skip
+    again = resumed.train()
+    assert again["evals"] == result["evals"] and again["bc"] == result["bc"]
+    for a, b in zip(jax.tree.leaves(eqx.filter(reference.states, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(resumed.states, eqx.is_array))):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    after = [(p, s) for p, s, _ in logs if s > 19]
+    assert after == [(p, s) for p, s, _ in resumed_logs]
