@@ -21,8 +21,8 @@ def stop_gradient_tree(tree: _T) -> _T:
 def check_num_steps(name: str, num_steps: int) -> None:
     if not isinstance(num_steps, int) or isinstance(num_steps, bool):
         raise TypeError(f"`{name}(..., num_steps=...)` must be a Python int; got {num_steps!r}.")
-    if num_steps < 2:
+    if num_steps < 1:
         raise ValueError(
-            f"`{name}(..., num_steps=...)` must be at least 2: the memoryless scheme needs at "
-            f"least one noisy step before the final deterministic step; got {num_steps}."
+            f"`{name}(..., num_steps=...)` must be at least 1 (K - 1 noisy steps, then one "
+            f"deterministic step); got {num_steps}."
         )

@@ -203,7 +203,7 @@ def test_config_errors_and_presets():
     with pytest.raises(ValueError, match="exclusive"):
         QAMConfig(fql_alpha=1.0, edit_scale=0.1)
     with pytest.raises(ValueError, match="flow_steps"):
-        QAMConfig(flow_steps=1)
+        QAMConfig(flow_steps=0)
     with pytest.raises(ValueError, match="not one of"):
         QAMConfig.paper("sac", "cube-double-play-singletask-task2-v0")
     with pytest.raises(ValueError, match="known domains"):

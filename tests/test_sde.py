@@ -125,8 +125,8 @@ def _zero(t, x, obs):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(key=jax.random.PRNGKey(0), action_dim=2, num_steps=1), ValueError, "at least 2"),
-        (dict(key=jax.random.PRNGKey(0), action_dim=2, num_steps=0), ValueError, "at least 2"),
+        (dict(key=jax.random.PRNGKey(0), action_dim=2, num_steps=-1), ValueError, "at least 1"),
+        (dict(key=jax.random.PRNGKey(0), action_dim=2, num_steps=0), ValueError, "at least 1"),
         (dict(key=jax.random.PRNGKey(0), action_dim=2, num_steps=2.5), TypeError, "num_steps"),
         (dict(action_dim=2), ValueError, "either `key=` or `noise=`"),
         (dict(key=jax.random.PRNGKey(0)), ValueError, "needs `action_dim=`"),
