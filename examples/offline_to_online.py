@@ -273,8 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
                      f"at step {last or 0:,}. Run the same command again to resume.")  # fmt: skip
         except TrainingInterrupted as interrupted:
             bar.close()
-            print(f"\nInterrupted: checkpoint written at step {interrupted.step:,} in {run.out_dir}. "
-                  "Run the same command again to resume.", file=sys.stderr)  # fmt: skip
+            print(f"\nInterrupted: checkpoint written at step {interrupted.step:,} in "
+                  f"{run.out_dir}. Run the same command again to resume.",
+                  file=sys.stderr)  # fmt: skip
             sys.exit(130)
         except (FloatingPointError, ValueError) as error:
             sys.exit(f"error: {_cli_wording(str(error))}")

@@ -27,7 +27,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, DTypeLike, Float, PRNGKeyArray
 
 from ._misc import check_num_steps, stop_gradient_tree
 from ._types import Obs, VelocityField
@@ -79,7 +79,7 @@ def memoryless_step(x: Array, v: Array, t: Array, h: float, xi: Array) -> Array:
     return x + h * (2.0 * v - x / (t + h)) + jnp.sqrt(h) * memoryless_sigma(t, h) * xi
 
 
-def time_grid(num_steps: int, dtype: jnp.dtype = jnp.float32) -> Float[Array, " points"]:
+def time_grid(num_steps: int, dtype: DTypeLike = jnp.float32) -> Float[Array, " points"]:
     """The flow-time grid `t_i = i / K`, `i = 0 .. K` (shape `(K + 1,)`)."""
     return jnp.arange(num_steps + 1, dtype=dtype) / num_steps
 
