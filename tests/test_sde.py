@@ -11,7 +11,11 @@ from jaxtyping import TypeCheckError
 import qam
 
 
-def test_rollout_matches_hand_written_scheme(getkey):
+# Float64 comparisons of two implementations of the same K-step scheme: rounding ~K * 1e-16.
+F64_RTOL, F64_ATOL = 1e-10, 1e-12
+
+
+def test_rollout_matches_hand_written_scheme(getkey, x64):
     num_steps, dim = 5, 2
     fine = lambda t, x, obs: jnp.sin(x) * obs + t
     base = lambda t, x, obs: -x + 2.0 * t
@@ -29,20 +33,21 @@ def test_rollout_matches_hand_written_scheme(getkey):
         expected.append(x)
     t = (num_steps - 1) * h
     expected.append(x + h * (-x + 2 * t))
-    np.testing.assert_allclose(traj.xs, np.stack(expected), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(traj.ts, np.linspace(0, 1, num_steps + 1), atol=1e-7)
+    assert traj.xs.dtype == jnp.float64
+    np.testing.assert_allclose(traj.xs, np.stack(expected), rtol=F64_RTOL, atol=F64_ATOL)
+    np.testing.assert_allclose(traj.ts, np.linspace(0, 1, num_steps + 1), rtol=0, atol=F64_ATOL)
     assert traj.num_steps == num_steps
     np.testing.assert_array_equal(traj.action, traj.xs[-1])
 
 
-def test_residual_rollout_uses_sum_of_velocities(getkey):
+def test_residual_rollout_uses_sum_of_velocities(getkey, x64):
     fine = lambda t, x, obs: 0.3 * x
     base = lambda t, x, obs: -x + t
     summed = lambda t, x, obs: fine(t, x, obs) + base(t, x, obs)
     noise = jax.random.normal(getkey(), (6, 3))
     a = qam.memoryless_sde_sample(fine, base, None, noise=noise, num_steps=6, residual=True)
     b = qam.memoryless_sde_sample(summed, base, None, noise=noise, num_steps=6)
-    np.testing.assert_allclose(a.xs, b.xs, rtol=1e-6)
+    np.testing.assert_allclose(a.xs, b.xs, rtol=F64_RTOL, atol=F64_ATOL)
 
 
 def test_key_and_noise_paths_agree(getkey):
@@ -57,7 +62,7 @@ def test_key_and_noise_paths_agree(getkey):
 
 
 @pytest.mark.parametrize("num_steps", [2, 10])
-def test_diffrax_euler_agrees_with_builtin_loop(getkey, num_steps):
+def test_diffrax_euler_agrees_with_builtin_loop(getkey, x64, num_steps):
     fine = qam.nn.VelocityNetwork(3, 4, (16, 16), key=getkey())
     base = qam.nn.VelocityNetwork(3, 4, (16, 16), key=getkey())
     obs = jax.random.normal(getkey(), (3,))
@@ -66,17 +71,20 @@ def test_diffrax_euler_agrees_with_builtin_loop(getkey, num_steps):
     via_diffrax = qam.memoryless_sde_sample(
         fine, base, obs, noise=noise, num_steps=num_steps, solver=diffrax.Euler()
     )
-    np.testing.assert_allclose(via_diffrax.xs, builtin.xs, rtol=1e-5, atol=1e-5)
+    # Diffrax takes the increments as differences of a cumulative Brownian path, which rounds
+    # them by ~eps64 * |W| (float64: ~1e-15); nothing else differs.
+    assert via_diffrax.xs.dtype == jnp.float64
+    np.testing.assert_allclose(via_diffrax.xs, builtin.xs, rtol=F64_RTOL, atol=F64_ATOL)
     np.testing.assert_array_equal(via_diffrax.ts, builtin.ts)
 
 
-def test_diffrax_ode_sample_agrees_with_builtin(getkey):
+def test_diffrax_ode_sample_agrees_with_builtin(getkey, x64):
     velocity = qam.nn.VelocityNetwork(3, 4, (16,), key=getkey())
     obs = jax.random.normal(getkey(), (3,))
     noise = jax.random.normal(getkey(), (4,))
     a = qam.ode_sample(velocity, obs, noise=noise, num_steps=10, clip=False)
     b = qam.ode_sample(velocity, obs, noise=noise, num_steps=10, clip=False, solver=diffrax.Euler())
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=F64_RTOL, atol=F64_ATOL)
 
 
 def test_terminal_variance_matches_exact_discrete_chain(getkey):
@@ -181,11 +189,11 @@ def test_jaxtyping_rejects_wrong_rank_with_argument_name(getkey):
         qam.td_loss(jnp.zeros(3), 0.0, 0.9, jnp.zeros((3, 1)))
 
 
-def test_memoryless_sigma_values():
+def test_memoryless_sigma_values(x64):
     h = 0.1
-    t = jnp.arange(10, dtype=jnp.float32) / 10
+    t = jnp.arange(10, dtype=jnp.float64) / 10
     np.testing.assert_allclose(
         qam.memoryless_sigma(t, h) ** 2,
-        [22, 10, 6, 4, 2.8, 2, 1.4285714, 1, 0.6666667, 0.4],
-        rtol=1e-5,
+        [22, 10, 6, 4, 2.8, 2, 10 / 7, 1, 2 / 3, 0.4],  # 2 (1 - t + h) / (t + h), exactly
+        rtol=F64_RTOL,
     )
