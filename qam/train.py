@@ -143,6 +143,15 @@ class Trainer:
         )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds]))
         self._read_latest()  # refuse a mismatched earlier run before anything is written
 
+    def close(self) -> None:
+        """Close the environments this trainer made (evaluation and the dataset's); each
+        MuJoCo environment holds a few hundred MB. The agent states stay usable."""
+        for env in getattr(self, "_eval_env_list", []):
+            env.close()
+        self._eval_env_list = []
+        if self.data.env is not None:
+            self.data.env.close()
+
     def request_stop(self) -> None:
         """Ask `train` to stop at the next point where a checkpoint keeps resume exact (after
         the current offline chunk of `log_interval` updates, or the current online step): it
@@ -390,9 +399,16 @@ class Trainer:
             self.progress(step, {"success": row["success"]})
 
     def _online(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
+        envs = [qd.make_env(self.run.env_name) for _ in self.run.seeds]
+        try:
+            self._online_loop(step, meta, buffers, envs)
+        finally:
+            for env in envs:
+                env.close()
+
+    def _online_loop(self, step: int, meta: dict[str, Any], buffers: Any, envs: list) -> None:
         run = self.run
         offline_end = run.offline_steps
-        envs = [qd.make_env(run.env_name) for _ in run.seeds]
         online = meta.get("online")
         if buffers is None:
             buffers = self._new_buffers()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_script
+from helpers import load_script, release_memory
 
 import qam.data as qd
 from qam.agents import QAMConfig
@@ -48,7 +48,15 @@ def finished(tiny_dataset_dir, tmp_path_factory):
         _run(tiny_dataset_dir, out), CONFIG, log=lambda s, m, p: logs.append((p, s, m))
     )
     result = trainer.train()
+    trainer.close()  # its environments are not needed again
     return trainer, result, logs, out
+
+
+@pytest.fixture(autouse=True)
+def _free_trainers():
+    """Trainers hold MuJoCo environments in reference cycles: collect them after each test."""
+    yield
+    release_memory()
 
 
 def test_default_buffer_keeps_every_offline_row(finished):
@@ -217,6 +225,8 @@ def test_a_requested_stop_checkpoints_and_resumes_bit_identically(
     assert stopped.value.step == 19
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 19
     monkeypatch.setattr(train, "_add_all", real)
+    trainer.close()
+    release_memory()
     resumed_logs: list = []
     resumed = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG,
                       log=lambda s, m, p: resumed_logs.append((p, s, m)))  # fmt: skip
