@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import sys
-import warnings
 
 import jax
 
@@ -216,8 +215,6 @@ def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    # gymnasium warns on every OGBench env creation about float64 -> float32 box bounds.
-    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
     try:
         dataset_dir = ensure_demo_dataset(args)
         args.dataset_dir = dataset_dir
@@ -268,9 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
             result = trainer.train()
         except KeyboardInterrupt:
             bar.close()
-            last = latest_checkpoint_step(run.out_dir)
+            saved = latest_checkpoint_step(run.out_dir)
             sys.exit(f"\nInterrupted twice: stopped without a new checkpoint; the last one is "
-                     f"at step {last or 0:,}. Run the same command again to resume.")  # fmt: skip
+                     f"at step {saved or 0:,}. Run the same command again to resume.")  # fmt: skip
         except TrainingInterrupted as interrupted:
             bar.close()
             print(f"\nInterrupted: checkpoint written at step {interrupted.step:,} in "
@@ -312,9 +309,7 @@ def _foreign_files(out_dir: str) -> list[str]:
 
 def _cli_wording(message: str) -> str:
     """Library messages name keyword arguments (`dataset_dir=...`); say the flag instead."""
-    return message.replace("the `dataset_dir` argument", "`--dataset-dir`").replace(
-        "`dataset_dir` argument", "`--dataset-dir` option"
-    )
+    return message.replace("the `dataset_dir` argument", "`--dataset-dir`")
 
 
 def _postfix(info: dict) -> dict:

@@ -268,9 +268,9 @@ class Trainer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(directory, name))
-        meta = dict(meta, wall_time_s=self._wall_time(meta))
-        record = dict(meta, step=step, file=name, phase_buffers=buffers is not None,
-                      online_written=written, dataset=self.dataset_reference())  # fmt: skip
+        record = dict(meta, wall_time_s=self._wall_time(meta), step=step, file=name,
+                      phase_buffers=buffers is not None, online_written=written,
+                      dataset=self.dataset_reference())  # fmt: skip
         _atomic_json(latest, record)
         for old in os.listdir(directory):
             if old.startswith("ckpt-") and old.endswith(".eqx") and old != name:
@@ -310,11 +310,12 @@ class Trainer:
             return None
         directory, _ = self._checkpoint_paths()
         written = int(meta.get("online_written", 0))
+        positions = jnp.asarray(self._online_positions(written))
         rows_like = None
         if meta["phase_buffers"]:
-            kept = len(self._online_positions(written))
             rows_like = jax.tree.map(
-                lambda x: jnp.zeros((self.num_seeds, kept, *x.shape[1:]), x.dtype), self.dataset
+                lambda x: jnp.zeros((self.num_seeds, len(positions), *x.shape[1:]), x.dtype),
+                self.dataset,
             )
         path = os.path.join(directory, meta["file"])
         try:
@@ -324,7 +325,6 @@ class Trainer:
         buffers = None
         if rows is not None:
             buffers = self._new_buffers()
-            positions = jnp.asarray(self._online_positions(written))
             data = jax.tree.map(lambda b, r: b.at[:, positions].set(r), buffers.data, rows)
             capacity = self.buffer_capacity()
             seeds = (self.num_seeds,)

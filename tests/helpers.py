@@ -82,3 +82,50 @@ def release_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+# A tiny offline-to-online run on the session's generated cube-double dataset, shared by the
+# trainer and checkpoint tests (same agent shapes, so their compiled updates are the same).
+TINY_ENV = "cube-double-play-singletask-task1-v0"
+
+
+def tiny_agent_config():
+    from qam.agents import QAMConfig
+
+    return QAMConfig(
+        actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, flow_steps=3, edit_scale=0.1,
+        inv_temp=1.0,
+    )  # fmt: skip
+
+
+def tiny_run(dataset_dir, out_dir, **overrides):
+    """A `RunConfig` of 16 offline + 24 online steps, 2 seeds, evaluations and checkpoints every
+    8 steps, 12-step episodes; `overrides` replace any field."""
+    from qam.train import RunConfig
+
+    settings = dict(
+        env_name=TINY_ENV, agent="qam-edit", offline_steps=16, online_steps=24, eval_episodes=1,
+        eval_interval=8, log_interval=8, seeds=(0, 3), out_dir=str(out_dir),
+        dataset_dir=dataset_dir, batch_size=8, start_training=4, checkpoint_interval=8,
+        max_episode_steps=12,
+    )  # fmt: skip
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+def random_chunk_batch(key, *, batch, horizon, obs_dim, action_dim):
+    """A random `ChunkBatch` for agent updates: normal observations, uniform actions in
+    [-1, 1], negative partial returns, no terminal, every step valid."""
+    import jax
+
+    from qam.agents import ChunkBatch
+
+    k = jax.random.split(key, 4)
+    return ChunkBatch(
+        observations=jax.random.normal(k[0], (batch, obs_dim)),
+        actions=jax.random.uniform(k[1], (batch, horizon, action_dim), minval=-1, maxval=1),
+        rewards=-jax.random.uniform(k[2], (batch, horizon)),
+        masks=jnp.ones((batch, horizon)),
+        valid=jnp.ones((batch, horizon)),
+        next_observations=jax.random.normal(k[3], (batch, horizon, obs_dim)),
+    )

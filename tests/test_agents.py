@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_chunk_batch
 
 import qam
 from qam.agents import ChunkBatch, QAMConfig, critic_loss, qam as agent
@@ -25,15 +26,9 @@ _update = jax.jit(agent.update)
 
 
 def _batch(key):
-    k = jax.random.split(key, 4)
-    return ChunkBatch(
-        observations=jax.random.normal(k[0], (B, OBS)),
-        actions=jax.random.uniform(k[1], (B, H, A), minval=-1, maxval=1),
-        rewards=-jax.random.uniform(k[2], (B, H)),
-        masks=jnp.ones((B, H)),
-        valid=jnp.ones((B, H)).at[0, -1].set(0.0),
-        next_observations=jax.random.normal(k[3], (B, H, OBS)),
-    )
+    """One example with its last step invalid, so the `valid` weighting is exercised."""
+    batch = random_chunk_batch(key, batch=B, horizon=H, obs_dim=OBS, action_dim=A)
+    return batch._replace(valid=batch.valid.at[0, -1].set(0.0))
 
 
 EPS32 = float(np.finfo(np.float32).eps)

@@ -9,34 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_script, release_memory
+from helpers import TINY_ENV, load_script, release_memory, tiny_agent_config, tiny_run
 
 import qam.data as qd
-from qam.agents import QAMConfig
 from qam.data._sampling import _buffer_starts
-from qam.train import RunConfig, Trainer
+from qam.train import Trainer
 
 
 pytestmark = pytest.mark.standard_promotion
 
-ENV = "cube-double-play-singletask-task1-v0"
-CONFIG = QAMConfig(
-    actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, flow_steps=3, edit_scale=0.1,
-    inv_temp=1.0,
-)  # fmt: skip
+ENV = TINY_ENV
+CONFIG = tiny_agent_config()
 ONLINE = 24
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "offline_to_online.py"
 
 
 def _run(dataset_dir, out_dir, **kw):
-    settings = dict(
-        env_name=ENV, agent="qam-edit", offline_steps=8, online_steps=ONLINE, eval_episodes=1,
-        eval_interval=8, log_interval=8, seeds=(0, 3), out_dir=str(out_dir),
-        dataset_dir=dataset_dir, batch_size=8, start_training=4, checkpoint_interval=8,
-        max_episode_steps=12,
-    )  # fmt: skip
-    settings.update(kw)
-    return RunConfig(**settings)
+    return tiny_run(dataset_dir, out_dir, **{"offline_steps": 8, "online_steps": ONLINE, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_chunk_batch
 from jaxtyping import Array
 
 import qam
-from qam.agents import ChunkBatch, QAMConfig, qam as agent
+from qam.agents import QAMConfig, qam as agent
 
 
 D, M = 3, 2  # action and observation sizes of the core-function tests
@@ -159,9 +160,7 @@ def test_lean_adjoint_nonlinear_base_uses_state_x_i_and_time_t_next(num_steps):
         )
 
     with jax.enable_x64(True):
-        traj = qam.SDETrajectory(
-            xs=jnp.asarray(xs), ts=qam.time_grid(num_steps, jnp.dtype(jnp.float64))
-        )
+        traj = qam.SDETrajectory(xs=jnp.asarray(xs), ts=qam.time_grid(num_steps, jnp.float64))
         adjoints = qam.lean_adjoint(
             _jax_field(p_base), jnp.asarray(obs), traj, jnp.asarray(a_terminal)
         )
@@ -310,15 +309,7 @@ TINY = dict(actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, horizon=H)
 
 
 def _batch(key):
-    k = jax.random.split(key, 4)
-    return ChunkBatch(
-        observations=jax.random.normal(k[0], (B, OBS)),
-        actions=jax.random.uniform(k[1], (B, H, A), minval=-1, maxval=1),
-        rewards=-jax.random.uniform(k[2], (B, H)),
-        masks=jnp.ones((B, H)),
-        valid=jnp.ones((B, H)),
-        next_observations=jax.random.normal(k[3], (B, H, OBS)),
-    )
+    return random_chunk_batch(key, batch=B, horizon=H, obs_dim=OBS, action_dim=A)
 
 
 _act = eqx.filter_jit(agent.act)

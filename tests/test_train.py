@@ -4,35 +4,19 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
-from helpers import release_memory
+from helpers import release_memory, tiny_agent_config, tiny_run
 
-from qam.agents import QAMConfig
-from qam.train import RunConfig, Trainer
+from qam.train import Trainer
 
 
 pytestmark = pytest.mark.standard_promotion
 
-ENV = "cube-double-play-singletask-task1-v0"
-CONFIG = QAMConfig(
-    actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, flow_steps=3, edit_scale=0.1,
-    inv_temp=1.0,
-)  # fmt: skip
+CONFIG = tiny_agent_config()
 
 
 @pytest.fixture
 def dataset_dir(tiny_dataset_dir):
     return tiny_dataset_dir
-
-
-def _run(dataset_dir, out_dir, **kw):
-    settings = dict(
-        env_name=ENV, agent="qam-edit", offline_steps=16, online_steps=24, eval_episodes=1,
-        eval_interval=8, log_interval=8, seeds=(0, 3), out_dir=str(out_dir),
-        dataset_dir=dataset_dir, batch_size=8, start_training=4, checkpoint_interval=8,
-        max_episode_steps=12,
-    )  # fmt: skip
-    settings.update(kw)
-    return RunConfig(**settings)
 
 
 class _Interrupt(Exception):
@@ -45,7 +29,7 @@ def _host_leaves(trainer):
 
 def test_resume_is_bit_identical_to_uninterrupted_run(dataset_dir, tmp_path):
     logs_full: list = []
-    full = Trainer(_run(dataset_dir, tmp_path / "full"), CONFIG,
+    full = Trainer(tiny_run(dataset_dir, tmp_path / "full"), CONFIG,
                    log=lambda s, m, p: logs_full.append((p, s, m)))  # fmt: skip
     result_full = full.train()
     # Keep only host copies: each Trainer holds ~1 GB of MuJoCo environments, so the three
@@ -62,13 +46,13 @@ def test_resume_is_bit_identical_to_uninterrupted_run(dataset_dir, tmp_path):
         logs_part.append((prefix, step, metrics))
 
     logs_part: list = []
-    part = Trainer(_run(dataset_dir, tmp_path / "part"), CONFIG, log=dying_log)
+    part = Trainer(tiny_run(dataset_dir, tmp_path / "part"), CONFIG, log=dying_log)
     with pytest.raises(_Interrupt):
         part.train()
     del part
     release_memory()
     resumed_logs: list = []
-    resumed = Trainer(_run(dataset_dir, tmp_path / "part"), CONFIG,
+    resumed = Trainer(tiny_run(dataset_dir, tmp_path / "part"), CONFIG,
                       log=lambda s, m, p: resumed_logs.append((p, s, m)))  # fmt: skip
     result_resumed = resumed.train()
     resumed_leaves = _host_leaves(resumed)
@@ -89,10 +73,10 @@ def test_resume_is_bit_identical_to_uninterrupted_run(dataset_dir, tmp_path):
 
 
 def test_checkpoint_from_another_configuration_is_refused(dataset_dir, tmp_path):
-    run = _run(dataset_dir, tmp_path, online_steps=0)
+    run = tiny_run(dataset_dir, tmp_path, online_steps=0)
     Trainer(run, CONFIG, log=lambda *a: None).train()
     with pytest.raises(ValueError, match="different configuration"):
-        Trainer(_run(dataset_dir, tmp_path, online_steps=0, batch_size=4), CONFIG,
+        Trainer(tiny_run(dataset_dir, tmp_path, online_steps=0, batch_size=4), CONFIG,
                 log=lambda *a: None).train()  # fmt: skip
 
 
@@ -108,12 +92,12 @@ def test_checkpoint_from_another_configuration_is_refused(dataset_dir, tmp_path)
 )
 def test_bad_run_settings_fail_before_work(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        _run("/nonexistent", "/nonexistent", **kwargs)
+        tiny_run("/nonexistent", "/nonexistent", **kwargs)
 
 
 def test_missing_dataset_fails_at_once(tmp_path):
     with pytest.raises(FileNotFoundError, match="cube-double-play-v0.npz"):
-        Trainer(_run(str(tmp_path), tmp_path / "out"), CONFIG, log=lambda *a: None)
+        Trainer(tiny_run(str(tmp_path), tmp_path / "out"), CONFIG, log=lambda *a: None)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset_dir, tmp_path, monkeypatch):
@@ -134,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset_dir, tmp_p
         return states, metrics
 
     monkeypatch.setattr(train, "_offline_chunk", poisoned)
-    run = _run(dataset_dir, tmp_path, online_steps=0)
+    run = tiny_run(dataset_dir, tmp_path, online_steps=0)
     with pytest.raises(FloatingPointError, match="non-finite critic_loss at step 16"):
         Trainer(run, CONFIG, log=lambda *a: None).train()
     latest = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())

@@ -24,7 +24,8 @@ def import_ogbench() -> ModuleType:
     return ogbench
 
 
-_CAST_WARNING = ".*precision lowered by casting.*"
+# gymnasium's warning that OGBench's float64 box bounds are cast to float32 (harmless).
+CAST_WARNING = ".*precision lowered by casting.*"
 
 
 def make_gym_env(env_id: str, **kwargs: Any) -> Any:
@@ -41,14 +42,14 @@ def make_gym_env(env_id: str, **kwargs: Any) -> Any:
     class QuietCasts(gymnasium.Wrapper):
         def reset(self, **reset_kwargs: Any) -> Any:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_CAST_WARNING)
+                warnings.filterwarnings("ignore", message=CAST_WARNING)
                 return self.env.reset(**reset_kwargs)
 
         def step(self, action: Any) -> Any:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_CAST_WARNING)
+                warnings.filterwarnings("ignore", message=CAST_WARNING)
                 return self.env.step(action)
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CAST_WARNING)
+        warnings.filterwarnings("ignore", message=CAST_WARNING)
         return QuietCasts(gymnasium.make(env_id, **kwargs))

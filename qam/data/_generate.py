@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import import_ogbench
+from ._compat import CAST_WARNING, import_ogbench, make_gym_env
 
 
 GENERATABLE_ENVS = (
@@ -347,20 +347,15 @@ class _EpisodeGenerator:
     only (each attempt reseeds the environment, its action space and numpy's global RNG)."""
 
     def __init__(self, settings: _EpisodeSettings):
-        import gymnasium
-
-        import_ogbench()  # registers the environments
         s = self.settings = settings
+        self.env = make_gym_env(  # quiet about float32 casts on make, reset and step
+            s.env_name,
+            terminate_at_goal=False,
+            mode="data_collection",
+            max_episode_steps=s.max_episode_steps,
+        )
         with warnings.catch_warnings():
-            # gymnasium warns that OGBench's float64 box bounds are cast to float32: harmless,
-            # and repeated by every worker process.
-            warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
-            self.env = gymnasium.make(
-                s.env_name,
-                terminate_at_goal=False,
-                mode="data_collection",
-                max_episode_steps=s.max_episode_steps,
-            )
+            warnings.filterwarnings("ignore", message=CAST_WARNING)
             # OGBench's `action_space` is a property that builds a new, unseeded `Box` on every
             # access: keep one, which each episode seeds, so random actions follow the seed.
             self.action_space = self.env.action_space

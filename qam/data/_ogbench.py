@@ -459,7 +459,7 @@ def _count_transitions(directory: str, parsed: OGBenchName) -> int:
     try:
         with np.load(path) as file:
             return int(np.sum(file["terminals"] == 0))
-    except Exception as error:  # corrupt: the count is only informative
+    except Exception as error:  # a corrupt validation file is named, as a corrupt train file is
         raise DatasetFileError(f"{path}: could not read `terminals` ({error}).") from error
 
 
