@@ -23,6 +23,7 @@ import signal
 import sys
 
 import jax
+import tqdm
 
 from qam import data as qd
 from qam.agents import QAMConfig
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         run, agent_config = build_configs(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    from qam import logging as qlog
+    from qam import logging as qlog, report as qreport
 
     resume_step = latest_checkpoint_step(run.out_dir)
     foreign = _foreign_files(run.out_dir) if resume_step is None else []
@@ -234,11 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
     config_record = {"run": dataclasses.asdict(run), "agent": dataclasses.asdict(agent_config),
                      "versions": qlog.package_versions()}  # fmt: skip
     bar = None
+    shown = {}  # the bar's postfix: each value stays until it is updated
     last = [resume_step or 0]
 
     def progress(step, info):
         if bar is not None:
-            bar.update(step - last[0], **_postfix(info))
+            shown.update(_postfix(info))
+            bar.set_postfix(shown, refresh=False)
+            bar.update(step - last[0])
         last[0] = step
 
     try:  # loads and checks the dataset before anything is written to `--out`
@@ -253,7 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
         if resume_step:
             print(f"Resuming from step {resume_step} in {run.out_dir}")
         total = run.offline_steps + run.online_steps
-        bar = qlog.ProgressBar(total=total, initial=resume_step or 0, disable=args.no_progress)
+        # Off a terminal (CI logs), one line a minute.
+        bar = tqdm.tqdm(total=total, initial=resume_step or 0, disable=args.no_progress,
+                        unit="step", unit_scale=total >= 100_000, dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 60.0)  # fmt: skip
 
         def stop(signum, frame):  # the first signal stops cleanly, a second one at once
             if trainer.stop_requested:
@@ -281,9 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     plot = os.path.join(run.out_dir, "learning_curve.png")
-    qlog.plot_learning_curve(os.path.join(run.out_dir, "eval.csv"), plot, task=run.env_name,
-                             method=run.agent, offline_steps=run.offline_steps)  # fmt: skip
-    text = qlog.summary(
+    qreport.plot_learning_curve(os.path.join(run.out_dir, "eval.csv"), plot, task=run.env_name,
+                                method=run.agent, offline_steps=run.offline_steps)  # fmt: skip
+    text = qreport.summary(
         run.out_dir, task=run.env_name, method=run.agent, seeds=list(run.seeds),
         evals=result["evals"], bc_success=result["bc"], offline_steps=run.offline_steps,
         online_steps=run.online_steps, wall_time=result["wall_time_s"],
@@ -313,11 +320,12 @@ def _cli_wording(message: str) -> str:
 
 
 def _postfix(info: dict) -> dict:
+    """The progress bar's postfix: the mean success (in percent) and critic loss over seeds."""
     out = {}
     if "success" in info:
-        out["success"] = float(jax.numpy.mean(info["success"]))
+        out["success"] = f"{100 * float(jax.numpy.mean(info['success'])):.1f}%"
     if "critic_loss" in info:
-        out["critic"] = float(jax.numpy.mean(info["critic_loss"]))
+        out["critic"] = f"{float(jax.numpy.mean(info['critic_loss'])):.4g}"
     return out
 
 

@@ -21,8 +21,8 @@ Run `python examples/quickstart.py --help`. It takes well under a minute on 2 CP
 """
 
 import argparse
+import io
 import os
-import tempfile
 import time
 
 import equinox as eqx
@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 import qam
+from qam.logging import atomic_write_bytes
 
 
 ACTION_DIM = 2
@@ -200,15 +201,10 @@ def save_plot(path, base_actions, fine_actions, rows):
     analytic = rows["analytic tilt (predicted)"][0]
     fig.suptitle(f"QAM quickstart: Q(a) = cᵀa, c = {_c()}, λ = {INV_TEMP}; "
                  f"analytic mode weights {analytic[0]:.2f} / {analytic[1]:.2f}")  # fmt: skip
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # the temporary file was private (0600)
-    os.replace(f.name, path)  # atomic: readers never see a half-written PNG
+    atomic_write_bytes(path, buffer.getvalue())  # readers never see a half-written PNG
 
 
 def print_table(rows):

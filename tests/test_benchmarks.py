@@ -75,7 +75,7 @@ def test_quick_run_writes_results(tmp_path):
         assert f"| {column} |" in md
     assert "| 1/1/1/1 | 0 |" in md  # AM, AM fused and both BPTT variants traced once each
     assert "n/a (K>=2 required)" in md
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # atomic writes
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes
 
 
 def _load_module():

@@ -88,4 +88,4 @@ def test_quick_run_writes_results(tmp_path, capsys):
     md = out.with_suffix(".md").read_text()
     assert "| variant | seeds | update ms/call | update steps/s |" in md
     assert "| qam | 1 |" in md
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # atomic writes
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes

@@ -16,7 +16,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 import types
 import warnings
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_savez, atomic_write_text
 from ._compat import CAST_WARNING, import_ogbench, make_gym_env
 
 
@@ -445,43 +445,6 @@ def _generate_episodes(
     return [episode for start in starts for episode in blocks[start]]
 
 
-def _chmod_default(path: str) -> None:
-    # mkstemp creates 0600 files; give the final file the usual 0666 & ~umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> str:
-    """Write `arrays` to a temporary file next to `path`; return the temporary path."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        _chmod_default(tmp)
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)  # pyright: ignore[reportArgumentType]
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        _chmod_default(tmp)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _check_task_mixture(
     env_name: str, task: int | None, goal_fraction: float, start_fraction: float
 ) -> None:
@@ -676,18 +639,15 @@ def generate_dataset(
         "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "seconds": round(time.time() - started, 3),
     }
-    tmp_val = _atomic_savez(val_path, val)
-    try:
-        tmp_train = _atomic_savez(train_path, train)
-    except BaseException:
-        os.unlink(tmp_val)
-        raise
-    # Move the validation file first: a present training file implies a complete pair.
-    os.replace(tmp_val, val_path)
-    os.replace(tmp_train, train_path)
+    # The training file last, an old one removed first: a present training file implies a
+    # complete pair, even after a failed or interrupted overwrite.
+    if os.path.exists(train_path):
+        os.remove(train_path)
+    atomic_savez(val_path, val)
+    atomic_savez(train_path, train)
     text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
     for p in (train_path, val_path):
-        _atomic_write_text(p.removesuffix(".npz") + ".meta.json", text)
+        atomic_write_text(p.removesuffix(".npz") + ".meta.json", text)
     return GeneratedDataset(
         train_path=train_path,
         val_path=val_path,
