@@ -7,7 +7,8 @@ The core is a handful of stateless, single-example functions on Equinox modules 
 - `lean_adjoint`: the backward lean-adjoint recursion through the base drift only.
 - `basic_adjoint`: the exact discrete adjoint of the rollout (BAM; equals autodiff).
 - `adjoint_matching_loss`: the adjoint matching regression for the fine-tuned velocity.
-- `fused_adjoint_matching_loss`: rollout + lean adjoint + loss in one pass (for training).
+- `fused_adjoint_matching_loss`: rollout + lean adjoint + loss in one pass (for training);
+  `fused_adjoint_matching_batch_loss`: the same for a batch, one batched terminal adjoint.
 - `flow_matching_loss`, `ode_sample`: behaviour-cloning flows and deterministic sampling.
 - `td_loss`: the ensemble TD loss with the pessimistic target `mean - rho * std`.
 
@@ -18,6 +19,7 @@ from . import nn as nn
 from ._adjoint import (
     adjoint_matching_loss as adjoint_matching_loss,
     basic_adjoint as basic_adjoint,
+    fused_adjoint_matching_batch_loss as fused_adjoint_matching_batch_loss,
     fused_adjoint_matching_loss as fused_adjoint_matching_loss,
     lean_adjoint as lean_adjoint,
 )

@@ -258,6 +258,67 @@ def fused_adjoint_matching_loss(
     return _fused_loss(base, obs, trajectory, controls, terminal), trajectory
 
 
+def fused_adjoint_matching_batch_loss(
+    velocity: VelocityField,
+    base_velocity: VelocityField,
+    obs: Float[Array, "batch obs"],
+    terminal_adjoint_fn: Callable[[Float[Array, "batch action"]], Float[Array, "batch action"]],
+    *,
+    key: PRNGKeyArray | None = None,
+    action_dim: int | None = None,
+    num_steps: int = 10,
+    noise: Float[Array, "batch steps action"] | None = None,
+    residual: bool = False,
+) -> tuple[Scalar, SDETrajectory]:
+    """`fused_adjoint_matching_loss` for a batch, averaged over it: the training path.
+
+    Equals `mean_b fused_adjoint_matching_loss(velocity, base_velocity, obs_b, ...)` with the
+    per-example keys `jax.random.split(key, B)` (or the rows of `noise`), but the terminal
+    adjoints of the whole batch come from one call `terminal_adjoint_fn(X_K)` on the `(B, D)`
+    actions between the rollouts and the loss, so a critic ensemble is evaluated once, batched
+    (e.g. `lambda a: -inv_temp * jax.grad(lambda a: jnp.sum(q_mean(obs, a)))(a)`); it is
+    evaluated without gradient.
+
+    **Returns:** `(mean_b loss_b, trajectories)` with a leading batch axis on the trajectories;
+    gradients flow only into `velocity`.
+    """
+    if obs.ndim != 2:
+        raise ValueError(
+            "`fused_adjoint_matching_batch_loss(obs=...)` must be a batch of flat observations "
+            f"of shape (B, obs); got shape {tuple(obs.shape)}."
+        )
+    batch = obs.shape[0]
+    name = "fused_adjoint_matching_batch_loss"
+    if noise is None:
+        if key is None:
+            raise ValueError(f"`{name}` needs either `key=` or `noise=`; got neither.")
+        per_example = lambda o, k: _prepare_rollout(  # noqa: E731
+            name, k, None, action_dim, num_steps, base_velocity
+        )[0]
+        noise = jax.vmap(per_example)(obs, jax.random.split(key, batch))
+    elif key is not None:
+        raise ValueError(f"`{name}` takes `key=` or `noise=`, not both.")
+    elif noise.ndim != 3 or noise.shape[:2] != (batch, num_steps):
+        raise ValueError(
+            f"`{name}(noise=...)` must have shape (B, num_steps, D) = ({batch}, {num_steps}, D); "
+            f"got {tuple(noise.shape)}."
+        )
+    _, h, ts, base = _prepare_rollout(name, None, noise[0], action_dim, num_steps, base_velocity)
+    trajectories, controls = jax.vmap(
+        lambda o, n: _fused_rollout(velocity, base, o, n, h, ts, residual=residual)
+    )(obs, noise)
+    terminal = jax.lax.stop_gradient(terminal_adjoint_fn(trajectories.action))
+    if terminal.shape != trajectories.action.shape:
+        raise ValueError(
+            f"`{name}(terminal_adjoint_fn=...)` must map the ({batch}, D) actions to adjoints of "
+            f"the same shape; got {tuple(terminal.shape)}."
+        )
+    losses = jax.vmap(_fused_loss, in_axes=(None, 0, 0, 0, 0))(
+        base, obs, trajectories, controls, terminal
+    )
+    return jnp.mean(losses), trajectories
+
+
 def _fused_rollout(
     velocity: VelocityField,
     base: VelocityField,

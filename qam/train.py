@@ -23,12 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import data as qd
-from .agents import qam as qam_agent
-from .agents._common import ChunkBatch
-from .logging import atomic_write_text
-
-
-AGENTS: dict[str, Any] = {"qam": qam_agent, "qam-fql": qam_agent, "qam-edit": qam_agent}
+from ._io import atomic_write_json
+from .agents import AGENTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +92,6 @@ def _to_host(tree: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in tree.items()}
 
 
-def bc_policy(state: Any) -> Any:
-    """The behaviour-cloning flow of a QAM-family state as a deployable policy (`inv_temp=0`:
-    act with the Euler ODE of `actor_slow`, no edit, no one-step policy)."""
-    config = dataclasses.replace(state.config, inv_temp=0.0, edit_scale=0.0, fql_alpha=0.0)
-    return dataclasses.replace(state, config=config)
-
-
 class TrainingInterrupted(Exception):
     """`Trainer.train` stopped after `Trainer.request_stop()`; a checkpoint of `step` was
     written, so running the same configuration on the same `out_dir` resumes from it."""
@@ -168,7 +157,9 @@ class Trainer:
         """`eval_episodes` episodes per seed with the deployed policy (chunks open-loop).
         Returns per-seed `success` and `return` arrays."""
         run = self.run
-        policy_states = eqx.filter_vmap(bc_policy)(states) if bc else states
+        act = self.agent.bc_act if bc else self.agent.act
+        if act is None:
+            raise ValueError(f"agent {self.agent.name!r} has no behaviour-cloning policy")
         envs = self._eval_envs()
         successes = np.zeros((self.num_seeds, run.eval_episodes))
         returns = np.zeros((self.num_seeds, run.eval_episodes))
@@ -184,9 +175,7 @@ class Trainer:
             while not done.all():
                 if any(not q for q, d in zip(queues, done) if not d):
                     keys = _keys(run.seeds, stream, step, episode, t)
-                    chunks = np.asarray(
-                        _act_all(policy_states, jnp.asarray(obs), keys, agent=self.agent)
-                    )
+                    chunks = np.asarray(_act_all(states, jnp.asarray(obs), keys, act=act))
                     for i, q in enumerate(queues):
                         if not q:
                             q.extend(chunks[i].reshape(-1, self.action_dim))
@@ -363,14 +352,15 @@ class Trainer:
             n = min(run.log_interval, offline_end - step)
             self.states, metrics = _offline_chunk(
                 self.states, _keys(run.seeds, 0, step), self.dataset, n,
-                agent=self.agent, batch_size=run.batch_size,
+                update=self.agent.update, batch_size=run.batch_size,
             )  # fmt: skip
             step += n
             metrics = _to_host(metrics)
             _check_finite(metrics, step)
             self.log(step, metrics, "train")
             self.progress(step, metrics)
-            self._maybe_eval(step, meta, final=step == offline_end, bc=step == offline_end)
+            bc = step == offline_end and self.agent.bc_act is not None
+            self._maybe_eval(step, meta, final=step == offline_end, bc=bc)
             if step % run.checkpoint_interval == 0 or step == offline_end or self._stop:
                 self.save_checkpoint(step, meta, None)
             if self._stop:
@@ -434,7 +424,7 @@ class Trainer:
             if any(not q for q in queues):
                 keys = _keys(run.seeds, 1, step)
                 chunks = np.asarray(
-                    _act_all(self.states, jnp.asarray(np.stack(obs)), keys, agent=self.agent)
+                    _act_all(self.states, jnp.asarray(np.stack(obs)), keys, act=self.agent.act)
                 )
                 for i, q in enumerate(queues):
                     if not q:
@@ -458,7 +448,7 @@ class Trainer:
             buffers = _add_all(buffers, stacked)
             if t >= run.start_training:
                 self.states, metrics = _online_updates(
-                    self.states, buffers, _keys(run.seeds, 4, step), agent=self.agent,
+                    self.states, buffers, _keys(run.seeds, 4, step), update=self.agent.update,
                     batch_size=run.batch_size, utd_ratio=run.utd_ratio,
                 )  # fmt: skip
             for i, done in enumerate(ended):
@@ -487,38 +477,40 @@ class Trainer:
 
 
 # Compiled once per (agent, shapes, static settings) and shared by every Trainer in a process.
-def _sample_and_update(state, key, data, *, agent, batch_size):
+def _sample_and_update(state, key, data, *, update, batch_size):
     sample_key, update_key = jax.random.split(key)
     config = state.config
     batch = qd.sample_sequence(
         data, sample_key, batch_size, horizon=config.horizon, discount=config.discount
     )
-    return agent.update(state, ChunkBatch(*batch), key=update_key)
+    return update(state, batch, key=update_key)
 
 
-def _scan_updates(state, key, data, num_updates, *, agent, batch_size):
-    body = lambda st, k: _sample_and_update(st, k, data, agent=agent, batch_size=batch_size)
+def _scan_updates(state, key, data, num_updates, *, update, batch_size):
+    body = lambda st, k: _sample_and_update(st, k, data, update=update, batch_size=batch_size)
     state, metrics = jax.lax.scan(body, state, jax.random.split(key, num_updates))
     return state, jax.tree.map(lambda m: m[-1], metrics)
 
 
 @eqx.filter_jit
-def _offline_chunk(states, keys, dataset, num_updates, *, agent, batch_size):
+def _offline_chunk(states, keys, dataset, num_updates, *, update, batch_size):
     """`num_updates` sample-and-update steps per seed on the offline dataset, in one call."""
-    one = lambda s, k: _scan_updates(s, k, dataset, num_updates, agent=agent, batch_size=batch_size)
+    one = lambda s, k: _scan_updates(
+        s, k, dataset, num_updates, update=update, batch_size=batch_size
+    )
     return eqx.filter_vmap(one)(states, keys)
 
 
 @eqx.filter_jit
-def _online_updates(states, buffers, keys, *, agent, batch_size, utd_ratio):
+def _online_updates(states, buffers, keys, *, update, batch_size, utd_ratio):
     """`utd_ratio` updates per seed, each on a batch sampled from that seed's replay buffer."""
-    one = lambda s, b, k: _scan_updates(s, k, b, utd_ratio, agent=agent, batch_size=batch_size)
+    one = lambda s, b, k: _scan_updates(s, k, b, utd_ratio, update=update, batch_size=batch_size)
     return eqx.filter_vmap(one)(states, buffers, keys)
 
 
 @eqx.filter_jit
-def _act_all(states, obs, keys, *, agent):
-    return eqx.filter_vmap(lambda s, o, k: agent.act(s, o, key=k))(states, obs, keys)
+def _act_all(states, obs, keys, *, act):
+    return eqx.filter_vmap(lambda s, o, k: act(s, o, key=k))(states, obs, keys)
 
 
 @eqx.filter_jit(donate="all")
@@ -558,7 +550,7 @@ def _run_signature(run: RunConfig, config: Any) -> dict[str, Any]:
 
 
 def _atomic_json(path: str, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload))
+    atomic_write_json(path, payload)
 
 
 def _episode_seed(seed: int, episode: int) -> int:

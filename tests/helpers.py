@@ -93,7 +93,8 @@ def tiny_agent_config():
     from qam.agents import QAMConfig
 
     return QAMConfig(
-        actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, flow_steps=3, edit_scale=0.1,
+        actor_hidden=(16, 16), critic_hidden=(16, 16), num_qs=2, flow_steps=3, variant="qam-edit",
+        edit_scale=0.1,
         inv_temp=1.0,
     )  # fmt: skip
 
@@ -114,14 +115,14 @@ def tiny_run(dataset_dir, out_dir, **overrides):
 
 
 def random_chunk_batch(key, *, batch, horizon, obs_dim, action_dim):
-    """A random `ChunkBatch` for agent updates: normal observations, uniform actions in
+    """A random `qam.data.SequenceBatch` for agent updates: normal observations, uniform actions in
     [-1, 1], negative partial returns, no terminal, every step valid."""
     import jax
 
-    from qam.agents import ChunkBatch
+    from qam.data import SequenceBatch
 
     k = jax.random.split(key, 4)
-    return ChunkBatch(
+    return SequenceBatch(
         observations=jax.random.normal(k[0], (batch, obs_dim)),
         actions=jax.random.uniform(k[1], (batch, horizon, action_dim), minval=-1, maxval=1),
         rewards=-jax.random.uniform(k[2], (batch, horizon)),

@@ -319,15 +319,16 @@ def _with_distinct_targets(state, config, key):
     """Targets that differ from the online networks, so the test sees which one is used."""
     other = agent.init(key, jnp.zeros(OBS), jnp.zeros(A), config)
     return eqx.tree_at(
-        lambda s: (s.target_critic, s.target_actor_slow), state, (other.critic, other.actor_slow)
+        lambda s: (s.targets["critic"], s.targets["actor_slow"]),
+        state,
+        (other.params.critic, other.params.actor_slow),
     )
 
 
-@pytest.mark.standard_promotion
 def test_agent_with_one_flow_step(getkey):
     # QAM-EDIT, the variant of the paper's sensitivity study (its AM term and flow ODE are
     # plain QAM's; one compiled update keeps the test short).
-    config = QAMConfig(**TINY, flow_steps=1, inv_temp=2.0, edit_scale=0.1)
+    config = QAMConfig(**TINY, flow_steps=1, inv_temp=2.0, variant="qam-edit", edit_scale=0.1)
     state = agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config)
     state = _with_distinct_targets(state, config, getkey())
     batch, key = _batch(getkey()), getkey()
@@ -338,7 +339,8 @@ def test_agent_with_one_flow_step(getkey):
     # The AM term is the K = 1 closed form on the agent's own noise: X_0 from the rollout key,
     # base = EMA flow at times 0 and 1, terminal adjoint from the target critic at clip(X_1).
     keys = jax.random.split(jax.random.split(key, 5)[2], B)
-    base, critic, fast = state.target_actor_slow, state.target_critic, state.actor_fast
+    base, critic = state.targets["actor_slow"], state.targets["critic"]
+    fast = state.params.actor_fast
 
     def one(o, k):
         x0 = jax.random.normal(k, (1, H * A))[0]
@@ -355,10 +357,10 @@ def test_agent_with_one_flow_step(getkey):
     obs = batch.observations[0]
     act_key = getkey()
     z = jax.random.normal(jax.random.split(act_key)[0], (H * A,))
-    flow_action = jnp.clip(z + state.actor_fast(0.0, z, obs), -1.0, 1.0)
-    assert state.edit is not None
-    flow_action, _ = agent._edit_actions(
-        state.edit, obs, flow_action, edit_scale=0.1, key=jax.random.split(act_key)[1]
+    flow_action = jnp.clip(z + state.params.actor_fast(0.0, z, obs), -1.0, 1.0)
+    assert state.params.edit is not None
+    flow_action, _ = qam.agents.edit_actions(
+        state.params.edit, obs, flow_action, edit_scale=0.1, key=jax.random.split(act_key)[1]
     )
     np.testing.assert_allclose(_act(state, obs, key=act_key), flow_action, rtol=1e-6, atol=1e-6)
 
@@ -370,25 +372,25 @@ def _ode_actions(velocity, obs, z, num_steps):
     )
 
 
-@pytest.mark.standard_promotion
 @pytest.mark.parametrize("variant", ["qam-fql", "qam-edit"])
 def test_zero_inv_temp_trains_the_extra_policy_on_actor_slow(variant, getkey):
     """With inv_temp = 0, the one-step / edit policy is trained on actor_slow's ODE actions, the
     ones it acts on (the authors' code trains it on actor_fast's): a deliberate difference."""
     extra = {"fql_alpha": 10.0} if variant == "qam-fql" else {"edit_scale": 0.5}
+    extra["variant"] = variant
     config = QAMConfig(**TINY, flow_steps=3, inv_temp=0.0, **extra)
     state = agent.init(getkey(), jnp.zeros(OBS), jnp.zeros(A), config)
     batch, key = _batch(getkey()), getkey()
-    _, metrics = jax.jit(agent._losses)(agent._trainable(state), state, batch, key)
+    _, metrics = jax.jit(agent._loss)(state.params, state, batch, key)
 
     keys = jax.random.split(key, 5)
     obs = batch.observations
     z = jax.random.normal(keys[3], (B, H * A))
-    slow = _ode_actions(state.actor_slow, obs, z, config.flow_steps)
-    fast = _ode_actions(state.actor_fast, obs, z, config.flow_steps)
+    slow = _ode_actions(state.params.actor_slow, obs, z, config.flow_steps)
+    fast = _ode_actions(state.params.actor_fast, obs, z, config.flow_steps)
 
     if variant == "qam-fql":
-        one_step = state.one_step
+        one_step = state.params.one_step
         assert one_step is not None
         pred = jax.vmap(lambda o, z_: one_step(jnp.concatenate([o, z_])))(obs, z)
         names = ("distill_loss",)
@@ -396,17 +398,17 @@ def test_zero_inv_temp_trains_the_extra_policy_on_actor_slow(variant, getkey):
         def metric_values(flow_actions):
             return {"distill_loss": jnp.mean((flow_actions - pred) ** 2)}
     else:
-        edit = state.edit
+        edit = state.params.edit
         assert edit is not None
         edit_keys = jax.random.split(keys[4], B)
         names = ("edit_q", "entropy")
 
         def metric_values(flow_actions):
             edited, log_prob = jax.vmap(
-                lambda o, a, k: agent._edit_actions(edit, o, a, edit_scale=0.5, key=k)
+                lambda o, a, k: qam.agents.edit_actions(edit, o, a, edit_scale=0.5, key=k)
             )(obs, flow_actions, edit_keys)
             return {
-                "edit_q": jnp.mean(state.critic.batched(obs, edited)),
+                "edit_q": jnp.mean(state.params.critic.batched(obs, edited)),
                 "entropy": -jnp.mean(log_prob),
             }
 
@@ -420,12 +422,16 @@ def test_zero_inv_temp_trains_the_extra_policy_on_actor_slow(variant, getkey):
 
     # Deployment uses actor_slow as well (the edit is added to actor_slow's ODE action).
     if variant == "qam-edit":
-        assert state.edit is not None
+        assert state.params.edit is not None
         o, act_key = obs[0], getkey()
         noise_key, edit_key = jax.random.split(act_key)
         z0 = jax.random.normal(noise_key, (H * A,))
-        flow_action = qam.ode_sample(state.actor_slow, o, noise=z0, num_steps=config.flow_steps)
-        expected, _ = agent._edit_actions(state.edit, o, flow_action, edit_scale=0.5, key=edit_key)
+        flow_action = qam.ode_sample(
+            state.params.actor_slow, o, noise=z0, num_steps=config.flow_steps
+        )
+        expected, _ = qam.agents.edit_actions(
+            state.params.edit, o, flow_action, edit_scale=0.5, key=edit_key
+        )
         np.testing.assert_allclose(_act(state, o, key=act_key), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -463,11 +469,12 @@ def test_layer_norm_default_epsilon_is_flax_and_is_plumbed():
         for name, net in networks.items():
             assert _norm_eps(net) == expected, name
         # The agent's networks take `QAMConfig.layer_norm_eps` (default 1e-6).
-        config = QAMConfig(**TINY, actor_layer_norm=True, fql_alpha=1.0, **kw)
+        config = QAMConfig(**TINY, actor_layer_norm=True, variant="qam-fql", fql_alpha=1.0, **kw)
         state = eqx.filter_eval_shape(agent.init, key, jnp.zeros(OBS), jnp.zeros(A), config)
-        for net in (state.critic.members, state.actor_slow.mlp, state.actor_fast.mlp):
+        p = state.params
+        for net in (p.critic.members, p.actor_slow.mlp, p.actor_fast.mlp):
             assert _norm_eps(net) == expected
-        assert state.one_step is not None and _norm_eps(state.one_step) == expected
+        assert p.one_step is not None and _norm_eps(p.one_step) == expected
     with pytest.raises(ValueError, match="eps"):
         qam.nn.LayerNorm(4, eps=-1.0)
     with pytest.raises(ValueError, match="layer_norm_eps"):

@@ -1,12 +1,56 @@
-"""Agents: each method is a module with a frozen config dataclass and pure `init`, `update`
-and `act` functions (`update` is jit- and vmap-able)."""
+"""Agents: every method is an `Agent` record of pure functions over one `AgentState` layout,
+registered by name in `AGENTS`; the loss terms they assemble are public here too.
+
+```
+agent = qam.agents.AGENTS["qam-edit"]
+config = agent.config(horizon=5)              # or agent.paper_config("cube-double-play-...")
+state = agent.init(key, obs_example, action_example, config)
+state, metrics = agent.update(state, batch, key=key)   # jit- and vmap-able
+chunk = agent.act(state, obs, key=key)
+```
+"""
 
 from . import qam as qam
 from ._common import (
-    ChunkBatch as ChunkBatch,
-    critic_loss as critic_loss,
+    flat_chunk as flat_chunk,
     make_optimizer as make_optimizer,
     polyak_update as polyak_update,
 )
-from ._presets import DOMAINS as DOMAINS, METHOD_PRESETS as METHOD_PRESETS, domain_of as domain_of
-from .qam import QAMConfig as QAMConfig, QAMState as QAMState
+from ._interface import (
+    Agent as Agent,
+    AgentConfig as AgentConfig,
+    AgentState as AgentState,
+    gradient_step as gradient_step,
+    init_state as init_state,
+)
+from ._presets import (
+    DOMAINS as DOMAINS,
+    METHOD_PRESETS as METHOD_PRESETS,
+    domain_of as domain_of,
+    paper_settings as paper_settings,
+)
+from ._terms import (
+    Aggregation as Aggregation,
+    adjoint_matching_term as adjoint_matching_term,
+    aggregate_q as aggregate_q,
+    best_of_n as best_of_n,
+    critic_term as critic_term,
+    edit_actions as edit_actions,
+    edit_policy_term as edit_policy_term,
+    flow_term as flow_term,
+    one_step_distillation_term as one_step_distillation_term,
+    target_entropy as target_entropy,
+    td_term as td_term,
+    temperature_term as temperature_term,
+)
+from .qam import QAMConfig as QAMConfig, QAMParams as QAMParams
+
+
+AGENTS: dict[str, Agent] = {
+    agent.name: agent
+    for agent in (
+        qam.QAM,
+        qam.QAM_FQL,
+        qam.QAM_EDIT,
+    )
+}

@@ -22,8 +22,10 @@ DOMAINS: dict[str, dict[str, Any]] = {
     "puzzle-4x4-play": dict(horizon=5, discount=0.99, rho=0.5, sparse=True),
 }
 
-# (QAM inv_temp), (QAM-EDIT inv_temp, edit_scale), (QAM-FQL inv_temp, fql_alpha)
-METHOD_PRESETS: dict[str, dict[str, dict[str, float]]] = {
+# Each method's tuned values per domain (the reference's reproduce scripts), keyed by the
+# registered agent name. Where the paper ran QAM-EDIT with `edit_scale = 0` or QAM-FQL with
+# `fql_alpha = 0`, the run is plain QAM and the row says `variant="qam"`.
+METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "qam": {
         "puzzle-3x3-play": dict(inv_temp=3.0),
         "scene-play": dict(inv_temp=1.0),
@@ -38,8 +40,8 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, float]]] = {
     },
     "qam-edit": {
         "puzzle-3x3-play": dict(inv_temp=1.0, edit_scale=0.1),
-        "scene-play": dict(inv_temp=1.0, edit_scale=0.0),
-        "cube-double-play": dict(inv_temp=1.0, edit_scale=0.0),
+        "scene-play": dict(variant="qam", inv_temp=1.0, edit_scale=0.0),  # plain QAM
+        "cube-double-play": dict(variant="qam", inv_temp=1.0, edit_scale=0.0),  # plain QAM
         "antmaze-large-navigate": dict(inv_temp=1.0, edit_scale=0.1),
         "humanoidmaze-medium-navigate": dict(inv_temp=3.0, edit_scale=0.1),
         "cube-triple-play": dict(inv_temp=3.0, edit_scale=0.1),
@@ -49,9 +51,9 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, float]]] = {
         "humanoidmaze-large-navigate": dict(inv_temp=3.0, edit_scale=0.1),
     },
     "qam-fql": {
-        "puzzle-3x3-play": dict(inv_temp=3.0, fql_alpha=0.0),
+        "puzzle-3x3-play": dict(variant="qam", inv_temp=3.0, fql_alpha=0.0),  # plain QAM
         "scene-play": dict(inv_temp=1.0, fql_alpha=300.0),
-        "cube-double-play": dict(inv_temp=1.0, fql_alpha=0.0),
+        "cube-double-play": dict(variant="qam", inv_temp=1.0, fql_alpha=0.0),  # plain QAM
         "antmaze-large-navigate": dict(inv_temp=3.0, fql_alpha=30.0),
         "humanoidmaze-medium-navigate": dict(inv_temp=1.0, fql_alpha=30.0),
         "cube-triple-play": dict(inv_temp=10.0, fql_alpha=300.0),
@@ -77,3 +79,12 @@ def domain_of(env_name: str) -> str:
         f"`env_name={env_name!r}` is not in a domain with paper presets; known domains: "
         f"{', '.join(sorted(DOMAINS))}."
     )
+
+
+def paper_settings(agent: str, env_name: str) -> dict[str, Any]:
+    """The paper's settings of `agent` on the domain of `env_name`: the domain's horizon,
+    discount and rho, then the method's tuned values (none for a method without a row)."""
+    domain = domain_of(env_name)
+    settings = {k: v for k, v in DOMAINS[domain].items() if k != "sparse"}
+    settings.update(METHOD_PRESETS.get(agent, {}).get(domain, {}))
+    return settings
