@@ -19,7 +19,10 @@ from typing import IO, Any
 import numpy as np
 
 
-__all__ = ["atomic_savez", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_savez", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+    "atomic_write_with",
+]  # fmt: skip
 
 StrPath = str | os.PathLike
 
@@ -50,6 +53,13 @@ def _atomic_write(path: StrPath, write: Callable[[IO[bytes]], Any]) -> None:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on device writing {path}") from error
         raise
+
+
+def atomic_write_with(path: StrPath, write: Callable[[IO[bytes]], Any]) -> None:
+    """Stream a file to `path` atomically: `write(f)` on a temporary binary file (e.g.
+    `lambda f: eqx.tree_serialise_leaves(f, tree)`), then the same guarantees as
+    `atomic_write_bytes`."""
+    _atomic_write(path, write)
 
 
 def atomic_write_bytes(path: StrPath, data: bytes) -> None:

@@ -10,10 +10,14 @@ run would (bit-identical on CPU).
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import re
 import time
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import data as qd
-from ._io import atomic_write_json
+from ._io import atomic_write_json, atomic_write_with
 from .agents import AGENTS
 
 
@@ -66,6 +70,15 @@ class RunConfig:
             raise ValueError(f"`buffer_size` must be >= 1 or None; got {self.buffer_size}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` must be distinct and non-empty; got {self.seeds}.")
+        if not all(0 <= s < 2**32 for s in self.seeds):
+            raise ValueError(
+                f"`seeds` must be in [0, 2**32) (a PRNG key holds 32 bits; larger seeds would "
+                f"wrap onto smaller ones); got {self.seeds}."
+            )
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ValueError(
+                f"`max_episode_steps` must be >= 1 or None; got {self.max_episode_steps}."
+            )
         for name in ("eval_interval", "checkpoint_interval"):
             if getattr(self, name) % self.log_interval:
                 raise ValueError(
@@ -90,6 +103,10 @@ def _keys(seeds: tuple[int, ...], stream: int, *path: int) -> jax.Array:
 
 def _to_host(tree: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in tree.items()}
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another process holds the output directory's lock."""
 
 
 class TrainingInterrupted(Exception):
@@ -140,6 +157,39 @@ class Trainer:
         self._eval_env_list = []
         if self.data.env is not None:
             self.data.env.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        lock_file = getattr(self, "_lock_file", None)
+        if lock_file is not None:
+            lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def lock(self) -> None:
+        """Take `out_dir/.lock` (an exclusive `flock`, released when this trainer is closed or
+        the process ends), creating `out_dir`; raises `RuntimeError` naming the holder's pid if
+        another process is running in the same directory. `train` takes it itself."""
+        if getattr(self, "_lock_file", None) is not None:
+            return
+        os.makedirs(self.run.out_dir, exist_ok=True)
+        path = os.path.join(self.run.out_dir, ".lock")
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise RunDirectoryBusy(
+                f"another run (pid {holder}) is using {self.run.out_dir}; wait for it to finish "
+                "or choose another output directory."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock_file = f
+        weakref.finalize(self, f.close)  # a trainer dropped without `close` releases it too
 
     def request_stop(self) -> None:
         """Ask `train` to stop at the next point where a checkpoint keeps resume exact (after
@@ -233,16 +283,15 @@ class Trainer:
 
     def save_checkpoint(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
         """Write `ckpt-<step>.eqx` (agent states and, online, the replay buffers' online rows)
-        then `latest.json` pointing at it, each atomically; older checkpoint files are
-        removed afterwards.
+        and its record `ckpt-<step>.json` (the metadata, the file's size and SHA-256), then
+        `latest.json` (a copy of the record), each atomically; the two newest checkpoints are
+        kept, so a damaged newest one falls back to the one before.
 
-        The offline dataset is not copied into checkpoints: `latest.json` records a
-        reference to it (`dataset_reference`) and only the rows written online are saved, so
-        a checkpoint is the size of the agent state plus the online data."""
-        directory, latest = self._checkpoint_paths()
-        os.makedirs(directory, exist_ok=True)
+        The offline dataset is not copied into checkpoints: the record holds a reference to it
+        (`dataset_reference`) and only the rows written online are saved, so a checkpoint is
+        the size of the agent state plus the online data."""
+        directory, _ = self._checkpoint_paths()
         name = f"ckpt-{step:09d}.eqx"
-        tmp = os.path.join(directory, name + ".tmp")
         online_rows = None
         written = 0
         if buffers is not None:
@@ -252,27 +301,41 @@ class Trainer:
                 raise AssertionError("replay buffer position does not match the step count")
             positions = jnp.asarray(self._online_positions(written))
             online_rows = jax.tree.map(lambda x: x[:, positions], buffers.data)
-        with open(tmp, "wb") as f:
-            eqx.tree_serialise_leaves(f, (self.states, online_rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
-        record = dict(meta, wall_time_s=self._wall_time(meta), step=step, file=name,
-                      phase_buffers=buffers is not None, online_written=written,
-                      dataset=self.dataset_reference())  # fmt: skip
-        _atomic_json(latest, record)
-        for old in os.listdir(directory):
-            if old.startswith("ckpt-") and old.endswith(".eqx") and old != name:
+        digest = _HashingWriter()
+        atomic_write_with(
+            os.path.join(directory, name),
+            lambda f: eqx.tree_serialise_leaves(digest.wrap(f), (self.states, online_rows)),
+        )
+        self._record: dict[str, Any] = dict(
+            file=name, file_bytes=digest.size, file_sha256=digest.hexdigest(),
+            phase_buffers=buffers is not None, online_written=written,
+            dataset=self.dataset_reference(),
+        )  # fmt: skip
+        self._record_step = step
+        self._write_record(step, meta)
+        files = [f for f in os.listdir(directory) if _CHECKPOINT_FILE.fullmatch(f)]
+        kept = sorted({f.split(".")[0] for f in files if f.endswith(".eqx")})[-2:]
+        for old in files:
+            if old.split(".")[0] not in kept:
                 os.remove(os.path.join(directory, old))
 
-    def _read_latest(self) -> dict[str, Any] | None:
-        """`latest.json` of an earlier run in `out_dir`, checked against this run's
-        configuration and dataset; `None` for a fresh run."""
+    def _write_record(self, step: int, meta: dict[str, Any]) -> None:
+        """(Re)write the record of the checkpoint of `step` with the current `meta` (after an
+        evaluation of that step, so its results survive a crash before the next checkpoint)."""
         directory, latest = self._checkpoint_paths()
-        if not os.path.exists(latest):
+        record = dict(meta, wall_time_s=self._wall_time(meta), step=step, **self._record)
+        stem = str(self._record["file"]).removesuffix(".eqx")
+        _atomic_json(os.path.join(directory, stem + ".json"), record)
+        _atomic_json(latest, record)
+
+    def _read_latest(self) -> dict[str, Any] | None:
+        """The record of the checkpoint an earlier run in `out_dir` resumes from (the newest
+        whose file is intact), checked against this run's configuration and dataset; `None`
+        for a fresh run."""
+        directory, _ = self._checkpoint_paths()
+        meta = usable_checkpoint(self.run.out_dir)
+        if meta is None:
             return None
-        with open(latest) as f:
-            meta = json.load(f)
         if meta.get("run") != _run_signature(self.run, self.config):
             raise ValueError(
                 f"the checkpoint in {directory} was written by a different configuration; use "
@@ -309,8 +372,13 @@ class Trainer:
         path = os.path.join(directory, meta["file"])
         try:
             self.states, rows = eqx.tree_deserialise_leaves(path, (self.states, rows_like))
-        except Exception as error:  # corrupt or truncated
-            raise ValueError(f"checkpoint file {path} could not be read ({error}).") from error
+        except Exception as error:  # intact by its hash, but not this run's structure
+            raise ValueError(
+                f"checkpoint file {path} does not hold this run's agent states ({error}); use "
+                "another `--out` directory or delete the old one."
+            ) from error
+        self._record = {k: meta[k] for k in _RECORD_KEYS if k in meta}
+        self._record_step = int(meta["step"])
         buffers = None
         if rows is not None:
             buffers = self._new_buffers()
@@ -346,7 +414,21 @@ class Trainer:
         if loaded is not None:
             meta, buffers = loaded
             step = meta["step"]
+        held = getattr(self, "_lock_file", None) is not None
+        self.lock()
+        try:
+            return self._train(step, meta, buffers, loaded)
+        finally:
+            if not held:  # taken here: released here (a caller's own `lock` stays held)
+                self._unlock()
+
+    def _train(self, step: int, meta: dict[str, Any], buffers: Any, loaded: Any) -> dict:
+        run = self.run
         offline_end = run.offline_steps
+        if loaded is not None:  # an evaluation of the resumed step may not have finished
+            final = step in (offline_end, offline_end + run.online_steps)
+            bc = step == offline_end and self.agent.bc_act is not None
+            self._maybe_eval(step, meta, final=final, bc=bc)
         # Offline: `log_interval` updates per jitted call.
         while step < offline_end:
             n = min(run.log_interval, offline_end - step)
@@ -359,10 +441,12 @@ class Trainer:
             _check_finite(metrics, step)
             self.log(step, metrics, "train")
             self.progress(step, metrics)
-            bc = step == offline_end and self.agent.bc_act is not None
-            self._maybe_eval(step, meta, final=step == offline_end, bc=bc)
+            # Checkpoint first, so a failing evaluation loses no training; the evaluation's
+            # results are then added to that checkpoint's record.
             if step % run.checkpoint_interval == 0 or step == offline_end or self._stop:
                 self.save_checkpoint(step, meta, None)
+            bc = step == offline_end and self.agent.bc_act is not None
+            self._maybe_eval(step, meta, final=step == offline_end, bc=bc)
             if self._stop:
                 raise TrainingInterrupted(step)
         if run.online_steps > 0:
@@ -383,6 +467,8 @@ class Trainer:
             result = self.evaluate(self.states, step, bc=True)
             meta["bc"] = result["success"].tolist()
             row.update(bc_success=result["success"], bc_return=result["return"])
+        if row and getattr(self, "_record_step", None) == step:
+            self._write_record(step, meta)
         if row:
             self.log(step, row, "eval")
         if "success" in row:
@@ -467,11 +553,11 @@ class Trainer:
                 _check_finite(host, step)
                 self.log(step, host, "train")
                 self.progress(step, host)
-            self._maybe_eval(step, meta, final=step == total)
             if step % run.checkpoint_interval == 0 or step == total or self._stop:
                 online["queue"] = [[a.tolist() for a in q] for q in queues]
                 meta["online"] = online
                 self.save_checkpoint(step, meta, buffers)
+            self._maybe_eval(step, meta, final=step == total)
             if self._stop:
                 raise TrainingInterrupted(step)
 
@@ -526,13 +612,105 @@ def _checkpoint_paths(out_dir: str) -> tuple[str, str]:
     return directory, os.path.join(directory, "latest.json")
 
 
+_CHECKPOINT = re.compile(r"ckpt-\d{9}")
+_CHECKPOINT_FILE = re.compile(r"ckpt-\d{9}\.(eqx|json)")
+_RECORD_KEYS = ("file", "file_bytes", "file_sha256", "phase_buffers", "online_written", "dataset")
+
+
+class _HashingWriter:
+    """Wraps a binary file so that everything written through it is hashed and counted."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def wrap(self, f: Any) -> Any:
+        writer = self
+
+        class _File:
+            def write(self, data: bytes) -> int:
+                writer._sha.update(data)
+                writer.size += len(data)
+                return f.write(data)
+
+        return _File()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _intact(directory: str, record: dict[str, Any]) -> str | None:
+    """Why the checkpoint file of `record` cannot be used, or `None` if it is intact."""
+    name = record.get("file")
+    if not isinstance(name, str):
+        return "its record names no file"
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return f"{name} is missing"
+    if "file_bytes" in record and os.path.getsize(path) != record["file_bytes"]:
+        return f"{name} has {os.path.getsize(path)} bytes, its record says {record['file_bytes']}"
+    if "file_sha256" in record and _file_sha256(path) != record["file_sha256"]:
+        return f"{name} does not match its recorded SHA-256"
+    return None
+
+
+def usable_checkpoint(out_dir: str) -> dict[str, Any] | None:
+    """The record of the newest intact checkpoint in `out_dir` (`None` if there is none).
+
+    Candidates are `latest.json` and every `ckpt-<step>.json`, newest step first; a record
+    that does not parse, or whose file is missing, truncated or altered (size and SHA-256 are
+    recorded), is skipped with a warning naming it, so a damaged newest checkpoint falls back
+    to the previous one. Raises `ValueError` naming every problem if checkpoints exist and
+    none is usable."""
+    directory, latest = _checkpoint_paths(out_dir)
+    if not os.path.isdir(directory):
+        return None
+    paths = [latest] + sorted(
+        (os.path.join(directory, f) for f in os.listdir(directory)
+         if f.endswith(".json") and _CHECKPOINT.fullmatch(f.removesuffix(".json"))),
+        reverse=True,
+    )  # fmt: skip
+    records, problems = [], []
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            int(record["step"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            problems.append(f"{path} is unreadable ({type(error).__name__}: {error})")
+            continue
+        records.append(record)
+    records.sort(key=lambda r: int(r["step"]), reverse=True)
+    for record in records:
+        why = _intact(directory, record)
+        if why is None:
+            for problem in problems:
+                warnings.warn(f"skipped a damaged checkpoint: {problem}", stacklevel=2)
+            return record
+        problems.append(why)
+    if problems:
+        raise ValueError(
+            f"no usable checkpoint in {directory}: "
+            + "; ".join(dict.fromkeys(problems))
+            + ". Delete the directory to start over, or restore the files."
+        )
+    return None
+
+
 def latest_checkpoint_step(out_dir: str) -> int | None:
     """The step of the checkpoint a run in `out_dir` would resume from, or `None`."""
-    _, latest = _checkpoint_paths(out_dir)
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        return int(json.load(f)["step"])
+    record = usable_checkpoint(out_dir)
+    return None if record is None else int(record["step"])
 
 
 def _check_finite(metrics: dict[str, np.ndarray], step: int) -> None:

@@ -226,3 +226,102 @@ def test_a_requested_stop_checkpoints_and_resumes_bit_identically(
         np.testing.assert_array_equal(a, b)
     after = [(p, s) for p, s, _ in logs if s > 19]
     assert after == [(p, s) for p, s, _ in resumed_logs]
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst / "checkpoints"
+
+
+def _same_states(a, b):
+    for x, y in zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(b, eqx.is_array))):  # fmt: skip
+        np.testing.assert_array_equal(x, y)
+
+
+def test_two_checkpoints_are_kept_and_a_damaged_newest_falls_back(
+    finished, tiny_dataset_dir, tmp_path
+):
+    import qam.train as train
+
+    reference, result, _, out = finished
+    directory = _copy_run(out, tmp_path)
+    names = sorted(os.listdir(directory))
+    assert names == ["ckpt-000000024.eqx", "ckpt-000000024.json", "ckpt-000000032.eqx",
+                     "ckpt-000000032.json", "latest.json"]  # fmt: skip
+    newest = directory / "ckpt-000000032.eqx"
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated, as by a full disk
+    with pytest.warns(UserWarning, match="ckpt-000000032.eqx has"):
+        assert train.latest_checkpoint_step(str(tmp_path)) == 24
+    with pytest.warns(UserWarning, match="skipped a damaged checkpoint"):
+        trainer = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG, log=lambda *a: None)
+        again = trainer.train()  # resumes from step 24 and redoes 25..32
+    assert again["evals"] == result["evals"]
+    _same_states(reference.states, trainer.states)
+    trainer.close()
+
+
+def test_an_unreadable_latest_json_is_named_and_skipped(finished, tmp_path):
+    import qam.train as train
+
+    directory = _copy_run(finished[3], tmp_path)
+    (directory / "latest.json").write_text('{"step": 3')  # truncated mid-write
+    with pytest.warns(UserWarning, match=r"latest.json is unreadable \(JSONDecodeError"):
+        assert train.latest_checkpoint_step(str(tmp_path)) == 32
+    for name in ("ckpt-000000024.eqx", "ckpt-000000032.eqx"):
+        (directory / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="no usable checkpoint") as error:
+        train.latest_checkpoint_step(str(tmp_path))
+    assert "ckpt-000000024.eqx has 0 bytes" in str(error.value)
+    assert "ckpt-000000032.eqx has 0 bytes" in str(error.value)
+
+
+def test_a_failed_evaluation_loses_no_training(finished, tiny_dataset_dir, tmp_path, monkeypatch):
+    """The checkpoint of a step is written before its evaluation; a run whose evaluation dies
+    resumes at that step, evaluates it, and ends as the uninterrupted run."""
+    reference, result, _, _ = finished
+    trainer = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG, log=lambda *a: None)
+    real = Trainer.evaluate
+
+    def failing(self, states, step, *, bc=False):
+        if step == 16:
+            raise RuntimeError("simulated evaluation failure")
+        return real(self, states, step, bc=bc)
+
+    monkeypatch.setattr(Trainer, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    trainer.close()
+    import qam.train as train
+
+    assert train.latest_checkpoint_step(str(tmp_path)) == 16
+    monkeypatch.setattr(Trainer, "evaluate", real)
+    resumed = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG, log=lambda *a: None)
+    again = resumed.train()
+    assert again["evals"] == result["evals"] and again["bc"] == result["bc"]
+    _same_states(reference.states, resumed.states)
+    resumed.close()
+
+
+def test_one_run_per_output_directory(tiny_dataset_dir, tmp_path):
+    from qam.train import RunDirectoryBusy
+
+    first = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG, log=lambda *a: None)
+    second = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG, log=lambda *a: None)
+    first.lock()
+    with pytest.raises(RunDirectoryBusy, match=rf"another run \(pid {os.getpid()}\) is using"):
+        second.lock()
+    first.close()  # releases the lock
+    second.lock()
+    second.close()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("seeds", (0, 2**32), r"\[0, 2\*\*32\)"), ("max_episode_steps", 0, "max_episode_steps")],
+)
+def test_run_config_refuses_impossible_settings(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_run(None, tmp_path, **{field: value})
