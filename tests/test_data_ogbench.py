@@ -275,6 +275,30 @@ def test_corrupt_and_truncated_files(tmp_path, gen_dir):
         load_ogbench(name, dataset_dir=d, make_env=False)
 
 
+def test_files_that_do_not_fit_the_environment(tmp_path, gen_dir):
+    _, play, _, _ = gen_dir
+    # A cube-double file (37-dim observations) under cube-single's name (28).
+    d = tmp_path / "renamed"
+    d.mkdir()
+    (d / "cube-single-play-v0.npz").write_bytes(pathlib.Path(play.train_path).read_bytes())
+    with pytest.raises(DatasetFileError, match=r"cube-single-play-v0\.npz does not match "
+                       r"cube-single-play-singletask-task1-v0: its observations have shape "
+                       r"\(37,\) per row, the environment's are \(28,\)"):  # fmt: skip
+        load_ogbench("cube-single-play-singletask-task1-v0", dataset_dir=d, load_val=False,
+                     make_env=False)  # fmt: skip
+    # The right file with a NaN observation row.
+    d = tmp_path / "nan"
+    d.mkdir()
+    with np.load(play.train_path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["observations"] = arrays["observations"].copy()
+    arrays["observations"][3, 0] = np.nan
+    np.savez(d / "cube-double-play-v0.npz", **arrays)
+    with pytest.raises(DatasetFileError, match="non-finite observations in 1 rows"):
+        load_ogbench("cube-double-play-singletask-task2-v0", dataset_dir=d, load_val=False,
+                     make_env=False)  # fmt: skip
+
+
 def test_unknown_environment_names():
     for bad in [
         "cube-double-play-v0",

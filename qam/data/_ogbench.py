@@ -257,6 +257,27 @@ def _load_file(path: str, parsed: OGBenchName) -> dict[str, np.ndarray]:
     return data
 
 
+def _check_matches_env(raw: dict[str, np.ndarray], env: Any, path: str, env_name: str) -> None:
+    """Refuse a file whose observations or actions do not fit `env_name`'s environment (e.g.
+    a cube-double file named cube-single), or hold non-finite values, naming the file."""
+    expected = {"observations": tuple(env.observation_space.shape),
+                "actions": tuple(env.action_space.shape)}  # fmt: skip
+    for key, shape in expected.items():
+        got = tuple(raw[key].shape[1:])
+        if got != shape:
+            raise DatasetFileError(
+                f"OGBench dataset file {path} does not match {env_name}: its {key} have shape "
+                f"{got} per row, the environment's are {shape}. The file belongs to another "
+                "environment; use the file made for this task."
+            )
+        if np.issubdtype(raw[key].dtype, np.floating) and not np.all(np.isfinite(raw[key])):
+            bad = int(np.sum(~np.all(np.isfinite(raw[key].reshape(len(raw[key]), -1)), axis=1)))
+            raise DatasetFileError(
+                f"OGBench dataset file {path} has non-finite {key} in {bad} rows; the file is "
+                "damaged. Regenerate it or copy the official file in again."
+            )
+
+
 def _relabel(
     data: dict[str, np.ndarray],
     parsed: OGBenchName,
@@ -437,6 +458,7 @@ def load_ogbench(
     datasets = []
     for path in paths:
         raw = _load_file(path, parsed)
+        _check_matches_env(raw, env, path, env_name)
         raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps)
         datasets.append(dataset_from_numpy(raw, name=os.path.basename(path)))
         del raw
