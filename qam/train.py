@@ -139,6 +139,14 @@ class Trainer:
                 f"the dataset has {self.dataset.size} transitions, fewer than the action chunk "
                 f"length `horizon={agent_config.horizon}`."
             )
+        ends = np.flatnonzero(np.asarray(self.dataset.terminals))
+        longest = int(np.max(np.diff(np.concatenate([[-1], ends])), initial=0))
+        if ends.size and longest < agent_config.horizon:
+            raise ValueError(
+                f"every episode of the dataset is shorter than the action chunk length "
+                f"`horizon={agent_config.horizon}` (the longest has {longest} steps), so every "
+                "chunk crosses an episode end and no TD target would be valid; lower `horizon`."
+            )
         self.sparse = self.data.info.sparse
         self.action_dim = self.dataset.action_dim
         self.num_seeds = len(run.seeds)
@@ -438,7 +446,7 @@ class Trainer:
             )  # fmt: skip
             step += n
             metrics = _to_host(metrics)
-            _check_finite(metrics, step)
+            _check_finite(metrics, step, getattr(self, "_record_step", None))
             self.log(step, metrics, "train")
             self.progress(step, metrics)
             # Checkpoint first, so a failing evaluation loses no training; the evaluation's
@@ -550,7 +558,7 @@ class Trainer:
                 (step - offline_end) % run.log_interval == 0 or step == total
             ):
                 host = _to_host(metrics)
-                _check_finite(host, step)
+                _check_finite(host, step, getattr(self, "_record_step", None))
                 self.log(step, host, "train")
                 self.progress(step, host)
             if step % run.checkpoint_interval == 0 or step == total or self._stop:
@@ -713,12 +721,21 @@ def latest_checkpoint_step(out_dir: str) -> int | None:
     return None if record is None else int(record["step"])
 
 
-def _check_finite(metrics: dict[str, np.ndarray], step: int) -> None:
+def _check_finite(metrics: dict[str, np.ndarray], step: int, saved: int | None) -> None:
+    """Stop on a non-finite metric, saying what was kept (`saved`: the step of the last
+    checkpoint written, or `None`)."""
     bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
     if bad:
+        kept = (
+            f"the checkpoint of step {saved} is kept (rerunning resumes from it, and diverges "
+            "again unless a setting changes)"
+            if saved is not None
+            else "no checkpoint had been written yet"
+        )
         raise FloatingPointError(
-            f"non-finite {', '.join(bad)} at step {step}; the run stopped and the last good "
-            "checkpoint was kept. Lower the learning rate or check the data."
+            f"non-finite {', '.join(bad)} at step {step}; the run stopped and {kept}. Check the "
+            "settings that scale the losses (learning rate, inverse temperature, loss weights) "
+            "and the data."
         )
 
 

@@ -1,5 +1,6 @@
 """Replay-buffer sizing, checkpoints the size of the state, and the run records around them."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -325,3 +326,9 @@ def test_one_run_per_output_directory(tiny_dataset_dir, tmp_path):
 def test_run_config_refuses_impossible_settings(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_run(None, tmp_path, **{field: value})
+
+
+def test_a_horizon_longer_than_every_episode_is_refused(tiny_dataset_dir, tmp_path):
+    config = dataclasses.replace(CONFIG, horizon=41)  # the tiny dataset's episodes: 40 steps
+    with pytest.raises(ValueError, match=r"shorter than the action chunk length `horizon=41`"):
+        Trainer(_run(tiny_dataset_dir, tmp_path), config, log=lambda *a: None)

@@ -119,7 +119,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset_dir, tmp_p
 
     monkeypatch.setattr(train, "_offline_chunk", poisoned)
     run = tiny_run(dataset_dir, tmp_path, online_steps=0)
-    with pytest.raises(FloatingPointError, match="non-finite critic_loss at step 16"):
+    with pytest.raises(FloatingPointError, match="non-finite critic_loss at step 16; the run "
+                       "stopped and the checkpoint of step 8 is kept"):  # fmt: skip
         Trainer(run, CONFIG, log=lambda *a: None).train()
     latest = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 8
