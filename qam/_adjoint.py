@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._misc import stop_gradient_tree
+from ._misc import check_velocity, stop_gradient_tree
 from ._sde import SDETrajectory, _prepare_rollout, memoryless_sigma, memoryless_step
 from ._types import Obs, Scalar, VelocityField
 
 
-def _check_trajectory(name: str, trajectory: SDETrajectory, adjoint_name: str, adjoint) -> None:
+def _check_trajectory(
+    name: str, trajectory: SDETrajectory, adjoint_name: str, adjoint, obs, **fields
+) -> None:
     xs, ts = trajectory.xs, trajectory.ts
     if xs.ndim != 2 or ts.ndim != 1 or xs.shape[0] != ts.shape[0]:
         raise ValueError(
@@ -40,6 +42,8 @@ def _check_trajectory(name: str, trajectory: SDETrajectory, adjoint_name: str, a
             f"`{name}(..., {adjoint_name}=...)` must have shape {expected} to match the "
             f"trajectory (K = {xs.shape[0] - 1}, D = {xs.shape[1]}); got {tuple(adjoint.shape)}."
         )
+    for arg, field in fields.items():
+        check_velocity(name, arg, field, obs, xs.shape[1], xs.dtype)
 
 
 def lean_adjoint(
@@ -78,7 +82,8 @@ def lean_adjoint(
 
     **Returns:** `A_0 .. A_{K-1}`, shape `(K, D)`, row `i` aligned with `trajectory.xs[i]`.
     """
-    _check_trajectory("lean_adjoint", trajectory, "terminal_adjoint", terminal_adjoint)
+    _check_trajectory("lean_adjoint", trajectory, "terminal_adjoint", terminal_adjoint, obs,
+                      base_velocity=base_velocity)  # fmt: skip
     base = stop_gradient_tree(base_velocity)
     xs = jax.lax.stop_gradient(trajectory.xs)
     ts = jax.lax.stop_gradient(trajectory.ts)
@@ -127,7 +132,8 @@ def basic_adjoint(
 
     **Returns:** `A_0 .. A_{K-1}`, shape `(K, D)`.
     """
-    _check_trajectory("basic_adjoint", trajectory, "terminal_adjoint", terminal_adjoint)
+    _check_trajectory("basic_adjoint", trajectory, "terminal_adjoint", terminal_adjoint, obs,
+                      velocity=velocity, base_velocity=base_velocity)  # fmt: skip
     base = stop_gradient_tree(base_velocity)
     fine = stop_gradient_tree(velocity)
     xs = jax.lax.stop_gradient(trajectory.xs)
@@ -203,7 +209,8 @@ def adjoint_matching_loss(
 
     **Returns:** the scalar loss for this trajectory.
     """
-    _check_trajectory("adjoint_matching_loss", trajectory, "adjoint", adjoint)
+    _check_trajectory("adjoint_matching_loss", trajectory, "adjoint", adjoint, obs,
+                      velocity=velocity, base_velocity=base_velocity)  # fmt: skip
     xs = jax.lax.stop_gradient(trajectory.xs[:-1])
     ts = jax.lax.stop_gradient(trajectory.ts)
     adjoint = jax.lax.stop_gradient(adjoint)
@@ -253,6 +260,8 @@ def fused_adjoint_matching_loss(
     noise, h, ts, base = _prepare_rollout(
         "fused_adjoint_matching_loss", key, noise, action_dim, num_steps, base_velocity
     )
+    for arg, field in (("velocity", velocity), ("base_velocity", base)):
+        check_velocity("fused_adjoint_matching_loss", arg, field, obs, noise.shape[1], noise.dtype)
     trajectory, controls = _fused_rollout(velocity, base, obs, noise, h, ts, residual=residual)
     terminal = jax.lax.stop_gradient(terminal_adjoint_fn(trajectory.action))
     return _fused_loss(base, obs, trajectory, controls, terminal), trajectory
@@ -304,6 +313,8 @@ def fused_adjoint_matching_batch_loss(
             f"got {tuple(noise.shape)}."
         )
     _, h, ts, base = _prepare_rollout(name, None, noise[0], action_dim, num_steps, base_velocity)
+    for arg, field in (("velocity", velocity), ("base_velocity", base)):
+        check_velocity(name, arg, field, obs[0], noise.shape[2], noise.dtype)
     trajectories, controls = jax.vmap(
         lambda o, n: _fused_rollout(velocity, base, o, n, h, ts, residual=residual)
     )(obs, noise)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._misc import check_velocity
 from ._sde import _resolve_noise, time_grid
 from ._types import Obs, Scalar, VelocityField
 
@@ -35,6 +36,7 @@ def flow_matching_loss(
             f"`flow_matching_loss(..., action=...)` must be one flat action of shape (D,); got "
             f"shape {tuple(action.shape)}. For a batch, use `jax.vmap`."
         )
+    check_velocity("flow_matching_loss", "velocity", velocity, obs, action.shape[0], action.dtype)
     t_key, noise_key = jax.random.split(key)
     t = jax.random.uniform(t_key, (), dtype=action.dtype)
     x0 = jax.random.normal(noise_key, action.shape, dtype=action.dtype)
@@ -81,6 +83,7 @@ def ode_sample(
             f"`{name}(..., noise=...)` must have shape (D,); got shape {tuple(noise.shape)}."
         )
     x0 = _resolve_noise(name, key, None if noise is None else noise[None], action_dim, 1)[0]
+    check_velocity(name, "velocity", velocity, obs, x0.shape[0], x0.dtype)
     ts = time_grid(num_steps, x0.dtype)
     h = 1.0 / num_steps
     if solver is None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import lineax
 from jaxtyping import Array, ArrayLike, DTypeLike, Float, PRNGKeyArray
 
-from ._misc import check_num_steps, stop_gradient_tree
+from ._misc import check_num_steps, check_velocity, stop_gradient_tree
 from ._types import Obs, VelocityField
 
 
@@ -184,6 +184,8 @@ def memoryless_sde_sample(
     noise, h, ts, base = _prepare_rollout(
         "memoryless_sde_sample", key, noise, action_dim, num_steps, base_velocity
     )
+    for arg, field in (("velocity", velocity), ("base_velocity", base)):
+        check_velocity("memoryless_sde_sample", arg, field, obs, noise.shape[1], noise.dtype)
 
     def drift_velocity(t, x):
         v = velocity(t, x, obs)
