@@ -297,6 +297,18 @@ def test_files_that_do_not_fit_the_environment(tmp_path, gen_dir):
     with pytest.raises(DatasetFileError, match="non-finite observations in 1 rows"):
         load_ogbench("cube-double-play-singletask-task2-v0", dataset_dir=d, load_val=False,
                      make_env=False)  # fmt: skip
+    # Integer actions (cast silently by the reader) and no episode ends.
+    for case, change, message in (
+        ("int", {"actions": arrays["actions"].astype(np.int64)}, "actions are int64, expected "
+         "floating-point"),
+        ("noends", {"terminals": np.zeros_like(arrays["terminals"])}, "marks 0 episode ends"),
+    ):  # fmt: skip
+        d = tmp_path / case
+        d.mkdir()
+        np.savez(d / "cube-double-play-v0.npz", **{**arrays, **change})
+        with pytest.raises(DatasetFileError, match=message):
+            load_ogbench("cube-double-play-singletask-task2-v0", dataset_dir=d, load_val=False,
+                         make_env=False)  # fmt: skip
 
 
 def test_unknown_environment_names():

@@ -6,6 +6,7 @@ import glob
 import importlib.metadata
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -224,11 +225,66 @@ def _sidecar_path(npz_path: str) -> str:
     return npz_path.removesuffix(".npz") + ".meta.json"
 
 
+def _member_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an `.npz` archive, read from its header only."""
+    with archive.open(name + ".npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _check_raw_file(path: str, visual: bool) -> None:
+    """Before OGBench reads `path`: the arrays' dtypes are what the format holds (float
+    observations, or uint8 for visual tasks; float actions) and `terminals` marks episode
+    ends (at least one, and on the last row), so nothing is cast or misread silently. Files
+    that are not zip archives are left to the reader's own corruption error."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        names = {n.removesuffix(".npy") for n in archive.namelist()}
+        if not {"observations", "actions", "terminals"} <= names:
+            return  # reported by the reader as a missing array
+        try:
+            (_, obs_dtype), (_, act_dtype) = (
+                _member_header(archive, "observations"),
+                _member_header(archive, "actions"),
+            )
+            with archive.open("terminals.npy") as f:
+                terminals = np.lib.format.read_array(f)
+        except Exception:  # a damaged member: the reader names the corruption
+            return
+    expected_obs = "uint8" if visual else "floating-point"
+    obs_ok = obs_dtype == np.uint8 if visual else np.issubdtype(obs_dtype, np.floating)
+    for key, dtype, ok, expected in (("observations", obs_dtype, obs_ok, expected_obs),
+                                     ("actions", act_dtype, np.issubdtype(act_dtype, np.floating),
+                                      "floating-point")):  # fmt: skip
+        if not ok:
+            raise DatasetFileError(
+                f"OGBench dataset file {path}: its {key} are {dtype}, expected {expected}; "
+                "the file was not written in OGBench's format."
+            )
+    if terminals.size and (not np.any(terminals) or not terminals[-1]):
+        raise DatasetFileError(
+            f"OGBench dataset file {path}: its `terminals` array marks "
+            f"{int(np.count_nonzero(terminals))} episode ends and "
+            f"{'does not end' if not terminals[-1] else 'ends'} with one; OGBench's format marks "
+            "the last transition of every episode, including the final row."
+        )
+
+
 def _load_file(path: str, parsed: OGBenchName) -> dict[str, np.ndarray]:
     """`ogbench.load_dataset` (regular format, with qpos/qvel/button_states), with clear
     errors for corrupt or truncated files."""
     ogbench = import_ogbench()
     visual = "visual" in parsed.env_id
+    _check_raw_file(path, visual)
     try:
         with open(path, "rb") as fh:  # closed even when the file turns out to be corrupt
             data = ogbench.load_dataset(
