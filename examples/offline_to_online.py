@@ -1,4 +1,4 @@
-"""Train a QAM-family agent on an OGBench task, offline then online.
+"""Train an agent of `qam.agents.AGENTS` on an OGBench task, offline then online.
 
 With no arguments it runs a small embedded default that finishes on a 2-core CPU in minutes:
 it generates (once, then reuses) a small cube-single dataset with OGBench's scripted oracles
@@ -7,7 +7,9 @@ task 1's goal), trains a small QAM-EDIT offline then online, evaluates it and th
 behaviour-cloning flow, and writes logs (CSV, JSONL), checkpoints, a learning-curve PNG and a
 summary to `--out`.
 
-Every paper setting is one flag away:
+`--agent NAME` picks the method, and that method's hyperparameters become flags; `--preset`
+sets the defaults of every flag (`--help` shows the preset's values). Every paper setting is
+one flag away:
 
     python examples/offline_to_online.py --env cube-triple-play-singletask-task2-v0 \\
         --agent qam-edit --preset paper --seeds 0 1 2 3
@@ -21,37 +23,44 @@ import json
 import os
 import signal
 import sys
+from typing import Annotated, Any, Literal, NoReturn
 
 import jax
 import tqdm
+import tyro
 
 from qam import data as qd
-from qam.agents import QAMConfig
 from qam.logging import atomic_write_text
 from qam.train import AGENTS, RunConfig, Trainer, TrainingInterrupted, latest_checkpoint_step
 
 
 DEFAULT_ENV = "cube-single-play-singletask-task1-v0"
+DEFAULT_AGENT = "qam-edit"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "qam", "datasets")
+PROG = "offline_to_online.py"
+# tyro prints the description unwrapped, starting a new line where one starts with a non-letter.
+DESCRIPTION = (
+    "Train an agent of qam.agents.AGENTS on an OGBench task, offline then online.\n"
+    "(No arguments: the CPU demo. The same --out again: resume from its last checkpoint.)\n"
+    "--agent NAME makes that method's hyperparameters flags; --preset sets every default."
+)
 
-# The CPU demo: small networks, a short run; the paper's values are `--preset paper`.
+# The CPU demo's agent settings, each applied where the agent's config has the field; the
+# paper's are `--preset paper`, i.e. `AGENTS[name].paper_config(env)`.
 SMALL = dict(
-    actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10,
+    actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10, inv_temp=1.0,
 )  # fmt: skip
-SMALL_RUN = dict(
-    offline_steps=9_000, online_steps=3_000, eval_episodes=20, eval_interval=3_000,
-    log_interval=500, batch_size=128, start_training=250, checkpoint_interval=3_000,
-    max_episode_steps=None,
-)  # fmt: skip
+# The paper preset's run; `Job`'s defaults are the small preset's.
 PAPER_RUN = dict(
     offline_steps=1_000_000, online_steps=500_000, eval_episodes=50, eval_interval=50_000,
     log_interval=1_000, batch_size=256, start_training=5_000, checkpoint_interval=50_000,
 )  # fmt: skip
+
 # The demo's dataset (not OGBench's; see `qam.data.generate_dataset`'s task mixture): play data
 # whose episodes start from task 1's initial cube and whose oracle carries the cube to task 1's
 # goal a quarter of the time, elsewhere otherwise. Behaviour cloning reproduces that mixture;
 # the critic steers QAM toward the rewarded placement.
-DEMO_DATA = dict(
+DEMO_DATA: dict[str, Any] = dict(
     env="cube-single-v0", dataset_type="play", episodes=100, max_episode_steps=200, task=1,
     task_goal_fraction=0.25, task_start_fraction=1.0, seed=0,
 )  # fmt: skip
@@ -67,134 +76,165 @@ def demo_dataset_dir(cache: str | None = None) -> str:
     return os.path.join(DEFAULT_CACHE if cache is None else cache, name)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--env", default=DEFAULT_ENV, help=f"OGBench single-task name (default: {DEFAULT_ENV})."
-    )
-    p.add_argument(
-        "--agent",
-        default="qam-edit",
-        choices=sorted(AGENTS),
-        help="method to train (default: qam-edit).",
-    )
-    p.add_argument("--preset", default="small", choices=["small", "paper"],
-                   help="`paper`: the paper's full configuration for the env's domain (4x512 "
-                        "networks, 10 critics, 1M+500K steps); `small`: a CPU-sized run "
-                        "(default).")  # fmt: skip
-    p.add_argument("--dataset-dir", default=None,
-                   help="where <dataset>.npz lives (default: $QAM_DATASET_DIR, "
-                        "$OGBENCH_DATASET_DIR, ~/.ogbench/data; for the embedded default a "
-                        f"generated dataset in {DEFAULT_CACHE}).")  # fmt: skip
-    p.add_argument("--offline-steps", type=int, help="offline gradient steps.")
-    p.add_argument("--online-steps", type=int, help="online environment steps.")
-    p.add_argument("--eval-episodes", type=int, help="evaluation episodes per seed.")
-    p.add_argument("--eval-interval", type=int, help="steps between evaluations.")
-    p.add_argument(
-        "--log-interval",
-        type=int,
-        help="steps between log rows (= offline updates per jitted call).",
-    )
-    p.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints.")
-    p.add_argument("--batch-size", type=int, help="batch size.")
-    p.add_argument("--start-training", type=int, help="online steps before updates start.")
-    p.add_argument("--utd", type=int, default=1, help="updates per online env step.")
-    p.add_argument("--buffer-size", type=int, default=None,
-                   help="cap on the replay buffer's rows (default: dataset + online steps, so no "
-                        "offline row is evicted; with a cap, online rows overwrite the oldest "
-                        "rows, offline ones first).")  # fmt: skip
-    p.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="seeds trained together in one program (vmapped).",
-    )
-    p.add_argument("--out", default=None, help="output directory (default: runs/<env>/<agent>).")
-    p.add_argument(
-        "--sparse",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="the paper's sparse reward transform (auto: on for scene and puzzle).",
-    )
-    p.add_argument(
-        "--max-episode-steps",
-        type=int,
-        default=None,
-        help="cap episode length (online and evaluation).",
-    )
-    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard.")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases.")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar.")
-    hyper = p.add_argument_group("agent hyperparameters (override the preset)")
-    for field in dataclasses.fields(QAMConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
-            hyper.add_argument(flag, type=_parse_bool, metavar="{true,false}")
-        elif "tuple" in str(field.type):
-            hyper.add_argument(flag, type=int, nargs="+")
-        elif "None" in str(field.type):
-            hyper.add_argument(flag, type=float)
-        else:
-            hyper.add_argument(flag, type=field.type)
-    return p
+def _choice(values: tuple[str, ...]) -> Any:
+    """A string flag that takes one of `values` (anything else is tyro's usage error)."""
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="{" + ",".join(values) + "}", instance_from_str=lambda args: args[0],
+        is_instance=lambda x: isinstance(x, str), str_from_instance=lambda x: [x],
+        choices=values,
+    )  # fmt: skip
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """The run. The defaults shown are the preset's: `small` (the CPU demo) unless `--preset
+    paper` is given. Without `--dataset-dir` or an official file, the default env trains on the
+    demo dataset, generated once into ~/.cache/qam/datasets."""
+
+    env: str = DEFAULT_ENV  # OGBench single-task name
+    agent: Annotated[str, _choice(tuple(AGENTS))] = DEFAULT_AGENT  # the method to train
+    # paper: the paper's values for the env's domain (4x512 nets, 1M+500K steps); small: a CPU run
+    preset: Literal["small", "paper"] = "small"
+    # where <dataset>.npz lives; None: $QAM_DATASET_DIR, $OGBENCH_DATASET_DIR or ~/.ogbench/data
+    dataset_dir: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None
+    out: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None  # None: runs/<env>/<agent>
+    seeds: tuple[int, ...] = (0,)  # seeds trained together in one program (vmapped)
+    # the paper's sparse reward transform, r <- -1[r != 0] (auto: on for scene and puzzle)
+    sparse: Literal["auto", "yes", "no"] = "auto"
+    offline_steps: int = 9_000  # offline gradient steps
+    online_steps: int = 3_000  # online environment steps
+    eval_episodes: int = 20  # evaluation episodes per seed
+    eval_interval: int = 3_000  # steps between evaluations
+    log_interval: int = 500  # steps between log rows (= offline updates per jitted call)
+    checkpoint_interval: int = 3_000  # steps between checkpoints
+    batch_size: int = 128  # batch size of every update
+    start_training: int = 250  # online steps before updates start
+    utd: int = 1  # updates per online environment step
+    # replay buffer rows (None: dataset + online steps; a cap overwrites the oldest rows first)
+    buffer_size: int | None = None
+    max_episode_steps: int | None = None  # cap on episode length (None: the environment's)
+    tensorboard: bool = False  # also log to TensorBoard
+    wandb: bool = False  # also log to Weights & Biases
+    progress: bool = True  # show a progress bar (steps/s, latest success rate, critic loss)
 
 
-def build_configs(args: argparse.Namespace) -> tuple[RunConfig, QAMConfig]:
-    """The run and agent configurations from parsed arguments; raises `ValueError` with a
+class UsageError(SystemExit):
+    """Bad input: `error: <message>` on stderr and exit status 2 (argparse's and tyro's)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.code = 2
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise UsageError(message)
+
+
+class _PreParseFailed(Exception):
+    pass
+
+
+class _PreParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # leave malformed input to tyro's message
+        raise _PreParseFailed
+
+
+def _preparse(argv: list[str]) -> tuple[str, str, str]:
+    """`--agent`, `--preset` and `--env` as given (the defaults where absent or malformed)."""
+    p = _PreParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--agent", default=DEFAULT_AGENT)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--env", default=DEFAULT_ENV)
+    try:
+        known, _ = p.parse_known_args(argv)
+    except _PreParseFailed:
+        return DEFAULT_AGENT, "small", DEFAULT_ENV
+    return known.agent, known.preset, known.env
+
+
+def preset_defaults(agent_name: str, preset: str, env: str) -> tuple[Job, Any]:
+    """The job and agent config `--preset` starts from; raises `ValueError` where the paper
+    has no configuration for `env`'s domain."""
+    agent = AGENTS[agent_name]
+    if preset == "paper":
+        return dataclasses.replace(Job(), preset="paper", **PAPER_RUN), agent.paper_config(env)
+    fields = {f.name for f in dataclasses.fields(agent.config_class)}
+    return Job(), agent.config(**{k: v for k, v in SMALL.items() if k in fields})
+
+
+def _init_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def _unchecked(cls: type) -> type:
+    """`cls` with its `__post_init__` checks switched off, for tyro to fill in; `build_configs`
+    then builds the real `cls`, so a bad value is one `error:` line rather than tyro's box."""
+    namespace = dict(__post_init__=lambda self: None, __doc__=cls.__doc__,
+                     __module__=cls.__module__, __qualname__=cls.__qualname__)  # fmt: skip
+    return type(cls.__name__, (cls,), namespace)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Job, Any]:
+    """The job and the agent's hyperparameters (not yet checked: see `build_configs`).
+
+    `--agent`, `--preset` and `--env` are read first: the agent's config class gives the
+    hyperparameter flags, and the preset (for the paper's, the env's domain) their defaults.
+    An unknown flag or a malformed value is tyro's usage error; an unknown agent or a domain
+    without paper settings is one `error:` line; both exit with status 2.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    agent_name, preset, env = _preparse(argv)
+    if agent_name not in AGENTS:
+        _usage_error(f"--agent {agent_name!r} is not a registered agent; choose one of "
+                     f"{', '.join(AGENTS)}.")  # fmt: skip
+    try:  # tyro reports an unknown preset itself
+        job, config = preset_defaults(agent_name, preset if preset == "paper" else "small", env)
+    except ValueError as error:  # no paper settings for the env's domain
+        _usage_error(f"--preset paper: {error}")
+    config_class = AGENTS[agent_name].config_class
+    clash = {f.name for f in dataclasses.fields(Job)} & _init_fields(config_class)
+    if clash:  # a programming error: one flag would mean two things
+        raise RuntimeError(f"{config_class.__name__}'s fields {sorted(clash)} clash with Job's")
+    hyper_class = _unchecked(config_class)
+    hyper = hyper_class(**{name: getattr(config, name) for name in _init_fields(config_class)})
+    about = (
+        f"{agent_name}'s hyperparameters ({config_class.__name__}), defaults: preset {job.preset}"
+    )
+    hyper_field = Annotated[hyper_class, tyro.conf.arg(name=agent_name, help=about)]
+    command = dataclasses.make_dataclass("Command", [("run", Job), ("hyper", hyper_field)])
+    parsed = tyro.cli(command, args=argv, prog=PROG, description=DESCRIPTION,
+                      default=command(job, hyper), config=(tyro.conf.OmitArgPrefixes,),
+                      use_underscores=False)  # fmt: skip
+    return parsed.run, parsed.hyper
+
+
+def build_configs(job: Job, hyper: Any) -> tuple[RunConfig, Any]:
+    """The run and agent configurations of a parsed command line; raises `ValueError` with a
     clear message for anything impossible, before any work starts."""
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(QAMConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    for name in ("actor_hidden", "critic_hidden"):
-        if name in overrides:
-            overrides[name] = tuple(overrides[name])
-    if args.preset == "paper":
-        agent_config = QAMConfig.paper(args.agent, args.env, **overrides)
-    else:
-        variant = {"qam": {}, "qam-fql": dict(fql_alpha=30.0), "qam-edit": dict(edit_scale=0.1)}
-        small = dict(SMALL, inv_temp=1.0, **variant[args.agent])
-        small.update(overrides)
-        agent_config = QAMConfig(**small)
-    run_defaults = PAPER_RUN if args.preset == "paper" else SMALL_RUN
-    run_kwargs = dict(run_defaults)
-    for name, value in [
-        ("offline_steps", args.offline_steps), ("online_steps", args.online_steps),
-        ("eval_episodes", args.eval_episodes), ("eval_interval", args.eval_interval),
-        ("log_interval", args.log_interval), ("checkpoint_interval", args.checkpoint_interval),
-        ("batch_size", args.batch_size), ("start_training", args.start_training),
-        ("max_episode_steps", args.max_episode_steps),
-    ]:  # fmt: skip
-        if value is not None:
-            run_kwargs[name] = value
-    out = args.out or os.path.join("runs", args.env, args.agent)
-    sparse = {"auto": None, "yes": True, "no": False}[args.sparse]
+    agent = AGENTS[job.agent]
+    agent_config = agent.config_class(
+        **{name: getattr(hyper, name) for name in _init_fields(agent.config_class)}
+    )
+    sparse = {"auto": None, "yes": True, "no": False}[job.sparse]
     run = RunConfig(
-        env_name=args.env, agent=args.agent, seeds=tuple(args.seeds), out_dir=out,
-        dataset_dir=args.dataset_dir, utd_ratio=args.utd, buffer_size=args.buffer_size,
-        sparse=sparse, **run_kwargs,
+        env_name=job.env, agent=job.agent, seeds=tuple(job.seeds),
+        out_dir=job.out or os.path.join("runs", job.env, job.agent), dataset_dir=job.dataset_dir,
+        offline_steps=job.offline_steps, online_steps=job.online_steps,
+        eval_episodes=job.eval_episodes, eval_interval=job.eval_interval,
+        log_interval=job.log_interval, checkpoint_interval=job.checkpoint_interval,
+        batch_size=job.batch_size, start_training=job.start_training, utd_ratio=job.utd,
+        buffer_size=job.buffer_size, sparse=sparse, max_episode_steps=job.max_episode_steps,
     )  # fmt: skip
     return run, agent_config
 
 
-def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
+def ensure_demo_dataset(job: Job) -> str | None:
     """For the embedded default (no `--dataset-dir`, default env, no official file), generate
-    the demo dataset once into the cache and reuse it."""
-    if args.dataset_dir is not None or args.env != DEFAULT_ENV:
-        return args.dataset_dir
-    parsed = qd.parse_env_name(args.env)
+    the demo dataset once into the cache and reuse it; the dataset directory to use."""
+    if job.dataset_dir is not None or job.env != DEFAULT_ENV:
+        return job.dataset_dir
+    parsed = qd.parse_env_name(job.env)
     official_dir, _ = qd.resolve_dataset_dir(None)
     if os.path.exists(os.path.join(official_dir, parsed.dataset_name + ".npz")):
         return None
@@ -215,20 +255,22 @@ def ensure_demo_dataset(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
+    """Run the command line `argv` (default: `sys.argv[1:]`); the trainer's result. Bad input
+    exits with status 2 before any work starts (see `parse_args`; `build_configs`' checks and
+    a missing dataset are one `error:` line)."""
+    job, hyper = parse_args(argv)
     try:
-        dataset_dir = ensure_demo_dataset(args)
-        args.dataset_dir = dataset_dir
-        run, agent_config = build_configs(args)
+        run, agent_config = build_configs(job, hyper)
+        run = dataclasses.replace(run, dataset_dir=ensure_demo_dataset(job))
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        _usage_error(str(error))
     from qam import logging as qlog, report as qreport
 
     resume_step = latest_checkpoint_step(run.out_dir)
     foreign = _foreign_files(run.out_dir) if resume_step is None else []
     if foreign:
-        sys.exit(
-            f"error: --out {run.out_dir} holds files that are not this job's run files "
+        _usage_error(
+            f"--out {run.out_dir} holds files that are not this job's run files "
             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and no checkpoint "
             "to resume from; a fresh run would overwrite its logs there. Choose another --out."
         )
@@ -248,17 +290,21 @@ def main(argv: list[str] | None = None) -> dict:
     try:  # loads and checks the dataset before anything is written to `--out`
         trainer = Trainer(run, agent_config, log=lambda *a: None, progress=progress)
     except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {_cli_wording(str(error))}")
-    with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=args.tensorboard,
-                     wandb=args.wandb, config=config_record) as logger:  # fmt: skip
-        trainer.log = lambda step, metrics, prefix: logger.log(step, metrics, prefix=prefix)
+        _usage_error(_cli_wording(str(error)))
+    with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=job.tensorboard,
+                     wandb=job.wandb, config=config_record) as logger:  # fmt: skip
+
+        def log(step: int, metrics: dict, prefix: str) -> None:
+            logger.log(step, metrics, prefix=prefix)
+
+        trainer.log = log
         _write_json(os.path.join(run.out_dir, "dataset.json"), trainer.data.info.to_dict())
         _write_json(os.path.join(run.out_dir, "config.json"), config_record)
         if resume_step:
             print(f"Resuming from step {resume_step} in {run.out_dir}")
         total = run.offline_steps + run.online_steps
         # Off a terminal (CI logs), one line a minute.
-        bar = tqdm.tqdm(total=total, initial=resume_step or 0, disable=args.no_progress,
+        bar = tqdm.tqdm(total=total, initial=resume_step or 0, disable=not job.progress,
                         unit="step", unit_scale=total >= 100_000, dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 60.0)  # fmt: skip
 

@@ -1,137 +1,107 @@
 """Command line: `python -m qam.data.generate --env cube-double-v0 --dataset-type play ...`.
 
 Generates an OGBench manipulation dataset locally with OGBench's scripted oracles; see
-[`qam.data.generate_dataset`][].
+[`qam.data.generate_dataset`][]. The flags are the fields of `Options` (tyro); `--help` lists
+them with their defaults, which are `generate_dataset`'s.
 """
 
-import argparse
+import dataclasses
+import inspect
 import sys
+from typing import Annotated, Any
+
+import tyro
 
 from ._generate import DATASET_TYPES, GENERATABLE_ENVS, generate_dataset
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m qam.data.generate",
-        description=(
-            "Generate an OGBench manipulation dataset (cube-*, scene, puzzle-*) locally with "
-            "OGBench's scripted oracles, in OGBench's file format: writes "
-            "DIR/<env>-<type>-v0.npz and DIR/<env>-<type>-v0-val.npz atomically. No network. "
-            "Locomotion datasets need OGBench's expert policies and cannot be generated."
-        ),
-        epilog=(
-            "Example (about 1M transitions, like the official file):\n"
-            "  python -m qam.data.generate --env cube-double-v0 --dataset-type play "
-            "--episodes 1000 --dir ~/.ogbench/data"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--env",
-        required=True,
-        choices=GENERATABLE_ENVS,
-        metavar="ENV",
-        help=f"environment: one of {', '.join(GENERATABLE_ENVS)}",
-    )
-    p.add_argument(
-        "--dataset-type",
-        required=True,
-        choices=DATASET_TYPES,
-        help="play: plan oracle with smoothed noise; noisy: Markov oracle with "
-        "Gaussian noise and random actions",
-    )
-    p.add_argument(
-        "--episodes",
-        type=int,
-        required=True,
-        help="training episodes (OGBench: 1000 for single/double/scene/3x3/4x4)",
-    )
-    p.add_argument("--dir", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--max-episode-steps",
-        type=int,
-        default=None,
-        help="steps per episode (default OGBench's 1001); small values for tests",
-    )
-    p.add_argument(
-        "--val-episodes",
-        type=int,
-        default=None,
-        help="validation episodes (default episodes // 10, at least 1)",
-    )
-    p.add_argument("--noise", type=float, default=0.1, help="oracle noise level (default 0.1)")
-    p.add_argument(
-        "--noise-smoothing",
-        type=float,
-        default=0.5,
-        help="plan-oracle noise smoothing (default 0.5)",
-    )
-    p.add_argument(
-        "--min-norm",
-        type=float,
-        default=0.4,
-        help="Markov-oracle minimum action norm (default 0.4)",
-    )
-    p.add_argument(
-        "--p-random-action",
-        type=float,
-        default=None,
-        help="random-action probability (default: 0 for play; 0.1 noisy cube/scene, "
-        "0.2 noisy puzzle)",
-    )
-    p.add_argument(
-        "--task",
-        type=int,
-        default=None,
-        help="the evaluation task (1-5) of --task-goal-fraction and --task-start-fraction",
-    )
-    p.add_argument(
-        "--task-goal-fraction",
-        type=float,
-        default=0.0,
-        help="cube-* only, not in OGBench: probability that each oracle target is moved to "
-        "its block's goal in --task (default 0: OGBench's datasets)",
-    )
-    p.add_argument(
-        "--task-start-fraction",
-        type=float,
-        default=0.0,
-        help="cube-* only, not in OGBench: probability that an episode starts with the cubes "
-        "at --task's initial positions (default 0)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        metavar="N",
-        help="number of processes generating episodes (default 1); the output does not "
-        "depend on it",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(generate_dataset).parameters.items()
+}
+# tyro prints the description unwrapped, starting a new line where one starts with a non-letter.
+DESCRIPTION = (
+    "Generate an OGBench manipulation dataset (cube-*, scene, puzzle-*) locally with OGBench's "
+    "scripted oracles, in OGBench's file format.\n"
+    "(Writes DIR/<env>-<type>-v0.npz and DIR/<env>-<type>-v0-val.npz atomically; no network. "
+    "Locomotion datasets need OGBench's expert policies and cannot be generated.)\n"
+    "  python -m qam.data.generate --env cube-double-v0 --dataset-type play --episodes 1000 "
+    "--dir ~/.ogbench/data  # about 1M transitions, like the official file"
+)
+
+
+def _choice(values: tuple[str, ...]) -> Any:
+    """A string flag that takes one of `values` (anything else is tyro's usage error)."""
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="{" + ",".join(values) + "}", instance_from_str=lambda args: args[0],
+        is_instance=lambda x: isinstance(x, str), str_from_instance=lambda x: [x],
+        choices=values,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to generate; the defaults are `qam.data.generate_dataset`'s."""
+
+    env: Annotated[str, _choice(GENERATABLE_ENVS)]  # the goal-conditioned environment
+    # play: plan oracle with smoothed noise; noisy: Markov oracle with noise and random actions
+    dataset_type: Annotated[str, _choice(DATASET_TYPES)]
+    episodes: int  # training episodes (OGBench: 1000 for single/double/scene/3x3/4x4)
+    dir: Annotated[str, tyro.conf.arg(metavar="DIR")]  # output directory
+    seed: int = _DEFAULTS["seed"]  # random seed
+    # steps per episode (None: OGBench's 1001); small values for tests
+    max_episode_steps: int | None = _DEFAULTS["max_episode_steps"]
+    # validation episodes (None: episodes // 10, at least 1)
+    val_episodes: int | None = _DEFAULTS["num_val_episodes"]
+    noise: float = _DEFAULTS["noise"]  # oracle noise level
+    noise_smoothing: float = _DEFAULTS["noise_smoothing"]  # plan-oracle noise smoothing
+    min_norm: float = _DEFAULTS["min_norm"]  # Markov-oracle minimum action norm
+    # random-action probability (None: 0 for play; 0.1 noisy cube and scene, 0.2 noisy puzzle)
+    p_random_action: float | None = _DEFAULTS["p_random_action"]
+    # the evaluation task (1-5) of --task-goal-fraction and --task-start-fraction
+    task: int | None = _DEFAULTS["task"]
+    # cube-* only, not in OGBench: probability each oracle target goes to its block's goal in --task
+    task_goal_fraction: float = _DEFAULTS["task_goal_fraction"]
+    # cube-* only, not in OGBench: probability an episode starts with --task's initial cubes
+    task_start_fraction: float = _DEFAULTS["task_start_fraction"]
+    # processes generating episodes; the output does not depend on it
+    workers: Annotated[int, tyro.conf.arg(metavar="N")] = _DEFAULTS["workers"]
+    progress: bool = _DEFAULTS["progress"]  # show a progress bar
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    """The options of the command line `argv` (default: `sys.argv[1:]`); an unknown flag or a
+    malformed value is tyro's usage error (exit status 2)."""
+    return tyro.cli(
+        Options, args=argv, prog="python -m qam.data.generate", description=DESCRIPTION,
+        use_underscores=False,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    result = generate_dataset(
-        args.env,
-        args.dataset_type,
-        num_episodes=args.episodes,
-        out_dir=args.dir,
-        seed=args.seed,
-        max_episode_steps=args.max_episode_steps,
-        num_val_episodes=args.val_episodes,
-        noise=args.noise,
-        noise_smoothing=args.noise_smoothing,
-        min_norm=args.min_norm,
-        p_random_action=args.p_random_action,
-        progress=not args.no_progress,
-        workers=args.workers,
-        task=args.task,
-        task_goal_fraction=args.task_goal_fraction,
-        task_start_fraction=args.task_start_fraction,
-    )
+    options = parse_args(argv)
+    try:
+        result = generate_dataset(
+            options.env,
+            options.dataset_type,
+            num_episodes=options.episodes,
+            out_dir=options.dir,
+            seed=options.seed,
+            max_episode_steps=options.max_episode_steps,
+            num_val_episodes=options.val_episodes,
+            noise=options.noise,
+            noise_smoothing=options.noise_smoothing,
+            min_norm=options.min_norm,
+            p_random_action=options.p_random_action,
+            progress=options.progress,
+            workers=options.workers,
+            task=options.task,
+            task_goal_fraction=options.task_goal_fraction,
+            task_start_fraction=options.task_start_fraction,
+        )
+    except ValueError as error:  # a value the library rejects: one line, argparse's status
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {result.train_path} ({result.num_train_steps} steps)")
     print(f"wrote {result.val_path} ({result.num_val_steps} steps)")
     return 0
