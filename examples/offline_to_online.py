@@ -31,7 +31,14 @@ import tyro
 
 from qam import data as qd
 from qam.logging import atomic_write_text
-from qam.train import AGENTS, RunConfig, Trainer, TrainingInterrupted, latest_checkpoint_step
+from qam.train import (
+    AGENTS,
+    RunConfig,
+    RunDirectoryBusy,
+    Trainer,
+    TrainingInterrupted,
+    latest_checkpoint_step,
+)
 
 
 DEFAULT_ENV = "cube-single-play-singletask-task1-v0"
@@ -266,7 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
         _usage_error(str(error))
     from qam import logging as qlog, report as qreport
 
-    resume_step = latest_checkpoint_step(run.out_dir)
+    try:
+        resume_step = latest_checkpoint_step(run.out_dir)
+    except ValueError as error:  # checkpoints exist but none is intact
+        _usage_error(str(error))
     foreign = _foreign_files(run.out_dir) if resume_step is None else []
     if foreign:
         _usage_error(
@@ -291,8 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = Trainer(run, agent_config, log=lambda *a: None, progress=progress)
     except (FileNotFoundError, ValueError) as error:
         _usage_error(_cli_wording(str(error)))
+    try:  # one run per --out: a second one is refused before it touches a file
+        trainer.lock()
+    except RunDirectoryBusy as error:
+        _usage_error(str(error))
+    # A fresh run may start over an earlier attempt's logs (only run files are there: checked).
     with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=job.tensorboard,
-                     wandb=job.wandb, config=config_record) as logger:  # fmt: skip
+                     wandb=job.wandb, config=config_record, overwrite=True) as logger:  # fmt: skip
 
         def log(step: int, metrics: dict, prefix: str) -> None:
             logger.log(step, metrics, prefix=prefix)
@@ -350,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
 RUN_FILES = {
     "train.csv", "train.jsonl", "eval.csv", "eval.jsonl", "config.json", "dataset.json",
     "learning_curve.png", "summary.txt", "summary.json", "checkpoints", "tensorboard", "wandb",
-    "wandb_run_id.txt",
+    "wandb_run_id.txt", ".lock",
 }  # fmt: skip
 
 

@@ -272,6 +272,14 @@ class _Stream:
         self.jsonl_file.close()
 
 
+def _existing_prefixes(run_dir: str) -> list[str]:
+    return sorted(
+        name[: -len(".jsonl")]
+        for name in os.listdir(run_dir)
+        if name.endswith(".jsonl") and os.path.isfile(os.path.join(run_dir, name))
+    )
+
+
 class Logger:
     """Logs metrics to `run_dir/<prefix>.csv` and `run_dir/<prefix>.jsonl` (always), and to
     TensorBoard and Weights & Biases when asked for.
@@ -289,7 +297,8 @@ class Logger:
 
     - `run_dir`: the run directory (created if needed).
     - `resume_step`: `None` for a fresh run: existing logs in `run_dir` (every `<prefix>.jsonl`
-        and its `<prefix>.csv`) are removed. An integer `S` resumes: rows with `step > S` are
+        and its `<prefix>.csv`) are refused with `FileExistsError` naming them, or removed with
+        `overwrite=True`. An integer `S` resumes: rows with `step > S` are
         dropped from every existing log (the JSONL is the source of truth; the CSV is rebuilt
         from it) and new rows are appended.
     - `tensorboard`: also write TensorBoard events to `run_dir/tensorboard` (needs
@@ -316,9 +325,18 @@ class Logger:
         wandb_project: str = "qam",
         wandb_kwargs: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
     ):
         if resume_step is not None and resume_step < 0:
             raise ValueError(f"`resume_step` must be >= 0 or None; got {resume_step}.")
+        if resume_step is None and not overwrite and os.path.isdir(run_dir):
+            existing = [p + ".jsonl" for p in _existing_prefixes(os.fspath(run_dir))]
+            if existing:
+                raise FileExistsError(
+                    f"`Logger(run_dir={os.fspath(run_dir)!r}, resume_step=None)`: the directory "
+                    f"already holds logs ({', '.join(existing)}); pass `resume_step` to append "
+                    "to them, `overwrite=True` to replace them, or use another directory."
+                )
         # Fail on a missing optional package before touching any file.
         writer_cls = _import_tensorboard() if tensorboard else None
         wandb_module = _import_wandb() if wandb else None
@@ -360,11 +378,7 @@ class Logger:
 
     def existing_prefixes(self) -> list[str]:
         """The prefixes with a JSONL log in `run_dir`, sorted."""
-        return sorted(
-            name[: -len(".jsonl")]
-            for name in os.listdir(self.run_dir)
-            if name.endswith(".jsonl") and os.path.isfile(os.path.join(self.run_dir, name))
-        )
+        return _existing_prefixes(self.run_dir)
 
     def _truncate(self, prefix: str, resume_step: int | None) -> None:
         jsonl = os.path.join(self.run_dir, prefix + ".jsonl")

@@ -54,7 +54,8 @@ def discrete_mean_shift(s2, inv_temp_c, num_steps):
 
 def load_script(path, name):
     """Import a script that is not in a package (`examples/`, `benchmarks/`) from its path,
-    with its own folder on `sys.path` while it loads (for sibling imports like `_common`)."""
+    with its own folder on `sys.path` while it loads (for sibling imports like `_common`),
+    registered in `sys.modules` under `name`."""
     import importlib.util
     import os
     import sys
@@ -65,6 +66,7 @@ def load_script(path, name):
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # tyro reads dataclass field comments through the module
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(folder)

@@ -148,11 +148,15 @@ def test_resume_truncates_and_matches_uninterrupted(tmp_path):
         assert _read(resumed / name) == _read(full / name), name
 
 
-def test_fresh_run_replaces_old_logs(tmp_path):
+def test_fresh_run_refuses_or_replaces_old_logs(tmp_path):
     with qlog.Logger(tmp_path) as logger:
         logger.log(1, {"a": 1}, prefix="train")
         logger.log(1, {"b": 1}, prefix="old")
-    with qlog.Logger(tmp_path) as logger:
+    before = {p: _read(tmp_path / p) for p in sorted(os.listdir(tmp_path))}
+    with pytest.raises(FileExistsError, match=r"already holds logs \(old.jsonl, train.jsonl\)"):
+        qlog.Logger(tmp_path)
+    assert {p: _read(tmp_path / p) for p in sorted(os.listdir(tmp_path))} == before
+    with qlog.Logger(tmp_path, overwrite=True) as logger:
         logger.log(1, {"c": 2}, prefix="train")
     assert _read(tmp_path / "train.csv") == "step,c\n1,2\n"
     assert not (tmp_path / "old.csv").exists() and not (tmp_path / "old.jsonl").exists()

@@ -6,13 +6,14 @@ import glob
 import importlib.metadata
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._compat import import_ogbench, make_gym_env
+from ._compat import CAST_WARNING, import_ogbench, make_gym_env
 from ._dataset import Dataset, dataset_from_numpy
 
 
@@ -316,8 +317,10 @@ def _load_file(path: str, parsed: OGBenchName) -> dict[str, np.ndarray]:
 def _check_matches_env(raw: dict[str, np.ndarray], env: Any, path: str, env_name: str) -> None:
     """Refuse a file whose observations or actions do not fit `env_name`'s environment (e.g.
     a cube-double file named cube-single), or hold non-finite values, naming the file."""
-    expected = {"observations": tuple(env.observation_space.shape),
-                "actions": tuple(env.action_space.shape)}  # fmt: skip
+    with warnings.catch_warnings():  # OGBench builds its float64 boxes on each access
+        warnings.filterwarnings("ignore", message=CAST_WARNING)
+        expected = {"observations": tuple(env.observation_space.shape),
+                    "actions": tuple(env.action_space.shape)}  # fmt: skip
     for key, shape in expected.items():
         got = tuple(raw[key].shape[1:])
         if got != shape:
