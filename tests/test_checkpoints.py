@@ -332,3 +332,15 @@ def test_a_horizon_longer_than_every_episode_is_refused(tiny_dataset_dir, tmp_pa
     config = dataclasses.replace(CONFIG, horizon=41)  # the tiny dataset's episodes: 40 steps
     with pytest.raises(ValueError, match=r"shorter than the action chunk length `horizon=41`"):
         Trainer(_run(tiny_dataset_dir, tmp_path), config, log=lambda *a: None)
+
+
+def test_cli_refuses_a_second_run_on_the_same_out(tiny_dataset_dir, tmp_path):
+    holder = Trainer(_run(tiny_dataset_dir, tmp_path), CONFIG, log=lambda *a: None)
+    holder.lock()
+    cli = load_script(SCRIPT, "offline_to_online")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit, match=rf"another run \(pid {os.getpid()}\) is using"):
+        cli.main(["--env", ENV, "--dataset-dir", tiny_dataset_dir, "--out", str(tmp_path),
+                  "--no-progress", "--actor-hidden", "8", "--critic-hidden", "8"])  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == before
+    holder.close()
