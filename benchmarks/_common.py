@@ -1,5 +1,7 @@
 """Shared helpers for the `qam` benchmarks (not part of the library).
 
+- `parse_options`: a benchmark's command line from a dataclass of its options (`tyro`; each
+  field's trailing comment is its `--help` line).
 - `machine_info` / `format_machine_info`: the machine, JAX devices and package versions that
   every benchmark prints and stores beside its numbers.
 - `time_calls`: median and inter-quartile range of repeated, blocked calls under a time budget.
@@ -29,6 +31,21 @@ from typing import Any
 
 
 DEFAULT_PACKAGES = ("jax", "jaxlib", "equinox", "diffrax", "lineax", "optax", "numpy", "qam")
+
+
+def parse_options(options_class: type, argv: Sequence[str] | None = None, *, prog: str) -> Any:
+    """`options_class` (a dataclass) filled from `argv` (default `sys.argv[1:]`) with `tyro`:
+    one `--field-name` flag per field (hyphens), documented by the field's comment, with its
+    default; the class docstring is the description. `--help` prints them and exits."""
+    import inspect
+
+    import tyro
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    description = " ".join(inspect.cleandoc(options_class.__doc__ or "").split())
+    return tyro.cli(
+        options_class, args=args, prog=prog, description=description, use_underscores=False
+    )
 
 
 def _cpu_model() -> str:

@@ -2,24 +2,31 @@
 
 What is measured, per configuration (flow steps K, batch B, network width W):
 
-- **AM** (QAM's actor gradient): `jax.vmap(qam.memoryless_sde_sample)` with the fine velocity
-  held fixed, the terminal adjoint `A_K = -inv_temp * grad_a mean_e Q_e(s, clip(a, -1, 1))`,
+- **AM** (QAM's actor gradient, composed from the public pieces):
+  `jax.vmap(qam.memoryless_sde_sample)` with the fine velocity held fixed, the terminal adjoint
+  `A_K = -inv_temp * grad_a mean_e Q_e(s, clip(a, -1, 1))` of the whole batch,
   `jax.vmap(qam.lean_adjoint)`, then `eqx.filter_value_and_grad` of the batch mean of
   `jax.vmap(qam.adjoint_matching_loss)` with respect to the fine velocity.
-- **AM fused** (the headline AM number; what the agent trains with): `jax.grad` of the batch
-  mean of `jax.vmap(qam.fused_adjoint_matching_loss)` with, per example,
-  `terminal_adjoint_fn = lambda a: -inv_temp * grad_a mean_e Q_e(s, clip(a, -1, 1))`. Same loss
-  and gradient as AM (checked by the tests), but every network is evaluated once per point: the
-  rollout's `v(t_i, X_i)` are the ones differentiated, where AM re-evaluates them in the loss.
-- **BPTT** (BAM's gradient, docs/mathematics.md §2): the loss
+- **AM fused** (the headline AM number; what the agent trains with, via
+  `qam.agents.adjoint_matching_term`): `jax.grad` of `qam.fused_adjoint_matching_batch_loss`
+  with the batch's terminal adjoints from one batched critic gradient,
+  `A_K = -inv_temp * grad_a sum_b mean_e Q_e(s_b, clip(a_b, -1, 1))`. Same loss and gradient as
+  AM (checked by the tests; also the batch mean of `qam.fused_adjoint_matching_loss`), but every
+  network is evaluated once per point: the rollout's `v(t_i, X_i)` are the ones differentiated,
+  where AM re-evaluates them in the loss.
+- **BPTT** (BAM's gradient, docs/mathematics.md §2): BAM's public term
+  `qam.agents.sde_bptt_term`, the loss
   `-inv_temp * mean_b[mean_e Q_e - rho std_e Q_e](X_K) + mean_b sum_{i<K-1} C_i`, with
   `C_i = 2 ||v(t_i, X_i) - v_B(t_i, X_i)||^2 / sigma_i^2`, differentiated through the rollout
   of `qam.memoryless_sde_sample` with the noise held fixed (the base velocity's parameters
   stop-gradiented). The running cost is evaluated after the rollout, so the fine velocity runs
   twice on the rollout states.
 - **BPTT-fused** (`--bptt both`, the default): the same loss and gradient computed by a
-  hand-written scan that evaluates each network once per step, as BAM's reference code does;
-  the strongest BPTT baseline. Both BPTT variants give the same gradient (checked by the tests).
+  hand-written scan here that evaluates each network once per step, as BAM's reference code
+  does; the strongest BPTT baseline (the library has no such term). Both BPTT variants give the
+  same gradient (checked by the tests).
+
+Every critic is evaluated batched (`CriticEnsemble.batched`, as the agents do).
 
 Networks are the paper's: `qam.nn.VelocityNetwork(obs_dim, action_dim, (W,) * 4)` for the fine
 velocity and for the base (EMA behaviour) velocity, and `qam.nn.CriticEnsemble` with `E` critics
@@ -39,18 +46,17 @@ forward pass alone.
 K = 1 is reported as "n/a": the memoryless scheme needs at least one noisy step before its final
 deterministic step (`num_steps >= 2`).
 
-Runs unchanged on CPU and GPU; `python benchmarks/adjoint_step.py --help` lists the options.
+Runs unchanged on CPU and GPU; `python benchmarks/adjoint_step.py --help` lists the options
+(`tyro`, from the `Options` dataclass).
 Results go to `benchmarks/results/adjoint_step_<device>.json` and `.md` (atomic writes).
 """
 
-from __future__ import annotations
-
-import argparse
+import dataclasses
 import functools
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +66,51 @@ import _common  # noqa: E402
 
 TARGET = {"num_steps": 10, "batch": 256, "width": 512}
 NA_K1 = "n/a (K>=2 required)"
+DEFAULTS = {"steps": (1, 2, 5, 10, 20, 50), "batch": (256, 4096), "width": (256, 512)}
+QUICK = {"steps": (1, 2), "batch": (8,), "width": (16,), "num_critics": 2}
+
+
+@dataclasses.dataclass
+class Options:
+    """Time and peak memory of one QAM adjoint-matching gradient (rollout + lean adjoint + loss
+    + gradient; composed and fused) against one BPTT gradient through the same rollout (BAM's
+    loss), over flow steps K, batch size and network width. Prints the machine, device and
+    versions, writes JSON and a markdown table."""
+
+    steps: tuple[int, ...] | None = None  # flow steps K (K=1: n/a); None: 1 2 5 10 20 50
+    batch: tuple[int, ...] | None = None  # batch sizes; None: 256 4096 (--quick: 8)
+    width: tuple[int, ...] | None = None  # hidden width of every network; None: 256 512
+    depth: int = 4  # hidden layers per network
+    obs_dim: int = 37  # observation size
+    action_dim: int = 25  # flat action (chunk) size D, e.g. 5 x 5
+    num_critics: int | None = None  # critic ensemble size E; None: 10 (--quick: 2)
+    inv_temp: float = 1.0  # inverse temperature lambda
+    rho: float = 0.5  # BAM pessimism rho (std weight)
+    bptt: Literal["qam", "fused", "both"] = "both"  # BPTT baseline: sde_bptt_term, fused, both
+    repeats: int = 10  # maximum timed calls per function (median taken)
+    min_repeats: int = 3  # minimum timed calls, even over the budget
+    max_seconds_per_config: float = 20.0  # stop repeating a function after this (>= min)
+    breakdown: bool = False  # also time the AM parts, fused AM and BPTT forwards, each alone
+    breakdown_only_target: bool = False  # with --breakdown: only K=10, batch 256, width 512
+    seed: int = 0  # PRNG seed for weights and inputs
+    platform: Literal["cpu", "gpu", "cuda", "rocm", "tpu"] | None = None  # None: JAX's choice
+    out: str | None = None  # output JSON, .md beside; None: results/adjoint_step_<device>.json
+    quick: bool = False  # tiny sizes (K 1 2, batch 8, width 16, 2 critics, <= 2 repeats)
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    """The command line (`tyro`), with `--quick` and the grid defaults applied (explicit
+    `--steps/--batch/--width/--num-critics` win over `--quick`)."""
+    opts = _common.parse_options(Options, argv, prog="adjoint_step.py")
+    defaults: dict[str, Any] = {**DEFAULTS, "num_critics": 10}
+    fill: dict[str, Any] = {}
+    if opts.quick:
+        defaults = dict(QUICK)
+        fill.update(repeats=min(opts.repeats, 2), min_repeats=1)
+    for name, value in defaults.items():
+        if getattr(opts, name) is None:
+            fill[name] = value
+    return dataclasses.replace(opts, **fill)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,13 +138,15 @@ def _rollout(velocity, base, obs, noise, num_steps):
 
 
 def _terminal_adjoint(critic, obs, action, inv_temp):
+    """`-inv_temp * d/da sum_b mean_e Q_e(s_b, clip(a_b, -1, 1))`: the batch's terminal
+    adjoints from one batched critic gradient (the critic frozen)."""
     import jax
     import jax.numpy as jnp
 
     critic = _freeze(critic)
 
     def reward(a):
-        q = jax.vmap(critic)(obs, jnp.clip(a, -1.0, 1.0))  # (B, E)
+        q = critic.batched(obs, jnp.clip(a, -1.0, 1.0))  # (B, E)
         return jnp.sum(jnp.mean(q, axis=-1))
 
     return -inv_temp * jax.grad(reward)(action)
@@ -137,9 +190,9 @@ def make_am_grad(num_steps: int, inv_temp: float, counter: dict[str, int]):
 
 
 def make_am_fused_grad(num_steps: int, inv_temp: float, counter: dict[str, int]):
-    """The same AM gradient through `qam.fused_adjoint_matching_loss` (what the agent trains
-    with): `jax.grad` of the batch mean of the vmapped fused loss, the terminal adjoint computed
-    per example from the frozen critic."""
+    """The same AM gradient through `qam.fused_adjoint_matching_batch_loss` (what the agent
+    trains with): the batch's terminal adjoints from one batched gradient of the frozen
+    critic."""
     import equinox as eqx
 
     def am_fused_grad(velocity, base, critic, obs, noise):
@@ -152,67 +205,40 @@ def make_am_fused_grad(num_steps: int, inv_temp: float, counter: dict[str, int])
 
 
 def am_fused_loss(velocity, base, critic, obs, noise, num_steps, inv_temp):
-    """Batch mean of `jax.vmap(qam.fused_adjoint_matching_loss)`; differentiable in `velocity`
-    (the critic is frozen, the base is stop-gradiented inside the fused loss)."""
-    import jax
-    import jax.numpy as jnp
-
+    """`qam.fused_adjoint_matching_batch_loss` on the fixed `noise`; differentiable in
+    `velocity` (the critic is frozen, the base is stop-gradiented inside the fused loss)."""
     import qam
 
-    critic = _freeze(critic)
-
-    def one(o, n):
-        def terminal_adjoint_fn(a):
-            def reward(a_):
-                return jnp.mean(critic(o, jnp.clip(a_, -1.0, 1.0)))
-
-            return -inv_temp * jax.grad(reward)(a)
-
-        loss, _ = qam.fused_adjoint_matching_loss(
-            velocity, base, o, terminal_adjoint_fn, noise=n, num_steps=num_steps
-        )
-        return loss
-
-    return jnp.mean(jax.vmap(one)(obs, noise))
+    loss, _ = qam.fused_adjoint_matching_batch_loss(
+        velocity, base, obs, lambda a: _terminal_adjoint(critic, obs, a, inv_temp),
+        noise=noise, num_steps=num_steps,
+    )  # fmt: skip
+    return loss
 
 
 def _bam_reward(critic, obs, action, inv_temp, rho):
-    import jax
     import jax.numpy as jnp
 
-    q = jax.vmap(critic)(obs, action)  # (B, E); online critic, pessimistic, no clip
+    q = critic.batched(obs, action)  # (B, E); online critic, pessimistic, no clip
     return -inv_temp * jnp.mean(jnp.mean(q, axis=-1) - rho * jnp.std(q, axis=-1))
 
 
-def bam_loss_qam_rollout(velocity, base, critic, obs, noise, num_steps, inv_temp, rho):
-    """BAM's loss with the rollout of `qam.memoryless_sde_sample` (differentiable in `velocity`)
-    and the running cost evaluated on the returned states."""
-    import jax
-    import jax.numpy as jnp
+def bam_loss_term(velocity, base, critic, obs, noise, num_steps, inv_temp, rho):
+    """BAM's loss as the agent computes it, `qam.agents.sde_bptt_term` (the rollout of
+    `qam.memoryless_sde_sample`, differentiable in `velocity`, and the running cost evaluated
+    on the returned states)."""
+    from qam.agents import sde_bptt_term
 
-    import qam
-
-    critic, frozen_base = _freeze(critic), _freeze(base)
-    trajectory = _rollout(velocity, base, obs, noise, num_steps)
-    h = 1.0 / num_steps
-    ts = trajectory.ts[0, : num_steps - 1]
-    xs = trajectory.xs[:, : num_steps - 1]  # (B, K-1, D): X_0 .. X_{K-2}
-    sigma = qam.memoryless_sigma(ts, h)
-
-    def control(o, x_steps):
-        def at(t, x):
-            return velocity(t, x, o) - frozen_base(t, x, o)
-
-        return jax.vmap(at)(ts, x_steps)
-
-    diff = jax.vmap(control)(obs, xs)  # (B, K-1, D)
-    running = jnp.sum(2.0 * jnp.sum(diff**2, axis=-1) / sigma[None, :] ** 2, axis=-1)
-    return _bam_reward(critic, obs, trajectory.action, inv_temp, rho) + jnp.mean(running)
+    loss, _ = sde_bptt_term(
+        velocity, base, critic, obs, num_steps=num_steps, inv_temp=inv_temp, rho=rho, noise=noise
+    )
+    return loss
 
 
 def bam_loss_fused(velocity, base, critic, obs, noise, num_steps, inv_temp, rho):
     """The same loss with the running cost accumulated inside the rollout scan (each network is
-    evaluated once per step, as in BAM's reference implementation)."""
+    evaluated once per step, as in BAM's reference implementation; the library's
+    `sde_bptt_term` evaluates the fine velocity twice per noisy step)."""
     import jax
     import jax.numpy as jnp
 
@@ -337,7 +363,7 @@ def run_config(nets, args, num_steps, batch, width) -> dict[str, Any]:
     result["am"] = measure(am, inputs, **opts)
     am_fused = _counted(make_am_fused_grad, num_steps, args.inv_temp)
     result["am_fused"] = measure(am_fused, inputs, **opts)
-    variants = {"qam": ("bptt", bam_loss_qam_rollout), "fused": ("bptt_fused", bam_loss_fused)}
+    variants = {"qam": ("bptt", bam_loss_term), "fused": ("bptt_fused", bam_loss_fused)}
     chosen = ["qam", "fused"] if args.bptt == "both" else [args.bptt]
     for name in chosen:
         label, loss_fn = variants[name]
@@ -489,117 +515,8 @@ def parts_table(results: list[dict[str, Any]]) -> str:
     return _common.markdown_table(headers, rows) if rows else ""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adjoint_step.py",
-        description=(
-            "Time and peak memory of one QAM adjoint-matching gradient (rollout + lean adjoint "
-            "+ loss + gradient; composed and fused) against one BPTT gradient through the same "
-            "rollout (BAM's loss), over flow steps K, batch size and network width. Prints the "
-            "machine, device and versions, writes JSON and a markdown table."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        nargs="+",
-        default=None,
-        help="flow steps K (K=1 is reported as n/a: the scheme needs K >= 2) "
-        "(default: 1 2 5 10 20 50; with --quick: 1 2)",
-    )
-    parser.add_argument(
-        "--batch",
-        type=int,
-        nargs="+",
-        default=None,
-        help="batch sizes (default: 256 4096; with --quick: 8)",
-    )
-    parser.add_argument(
-        "--width",
-        type=int,
-        nargs="+",
-        default=None,
-        help="hidden width of every network (default: 256 512; with --quick: 16)",
-    )
-    parser.add_argument("--depth", type=int, default=4, help="hidden layers per network")
-    parser.add_argument("--obs-dim", type=int, default=37, help="observation size")
-    parser.add_argument(
-        "--action-dim", type=int, default=25, help="flat action (chunk) size D, e.g. 5 x 5"
-    )
-    parser.add_argument(
-        "--num-critics",
-        type=int,
-        default=None,
-        help="critic ensemble size E (default: 10; with --quick: 2)",
-    )
-    parser.add_argument("--inv-temp", type=float, default=1.0, help="inverse temperature lambda")
-    parser.add_argument("--rho", type=float, default=0.5, help="BAM pessimism rho (std weight)")
-    parser.add_argument(
-        "--bptt",
-        choices=["qam", "fused", "both"],
-        default="both",
-        help="BPTT baseline: through qam.memoryless_sde_sample with the running cost evaluated "
-        "afterwards ('qam'), a one-scan rollout evaluating each network once per step "
-        "('fused'), or both",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=10, help="maximum timed calls per function (median taken)"
-    )
-    parser.add_argument(
-        "--min-repeats", type=int, default=3, help="minimum timed calls, even over the budget"
-    )
-    parser.add_argument(
-        "--max-seconds-per-config",
-        type=float,
-        default=20.0,
-        help="stop repeating a function once its timed calls took this long (after "
-        "--min-repeats); keeps the large CPU configurations affordable",
-    )
-    parser.add_argument(
-        "--breakdown",
-        action="store_true",
-        help="also time the AM parts (rollout, critic gradient, lean adjoint, loss gradient, "
-        "loss forward), the fused AM loss forward and the BPTT forward pass, each jitted on its "
-        "own",
-    )
-    parser.add_argument(
-        "--breakdown-only-target",
-        action="store_true",
-        help="with --breakdown, break down only K=10, batch 256, width 512 (if in the grid)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for weights and inputs")
-    parser.add_argument(
-        "--platform",
-        choices=["cpu", "gpu", "cuda", "rocm", "tpu"],
-        default=None,
-        help="force a JAX platform (default: JAX's choice, a GPU if there is one)",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output JSON path; the markdown table goes next to it with .md "
-        "(default: benchmarks/results/adjoint_step_<device>.json)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny smoke-test sizes (K 1 2, batch 8, width 16, 2 critics, at most 2 repeats) "
-        "for the tests; explicit --steps/--batch/--width/--num-critics still win",
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    defaults = {"steps": [1, 2, 5, 10, 20, 50], "batch": [256, 4096], "width": [256, 512]}
-    defaults["num_critics"] = 10
-    if args.quick:
-        defaults = {"steps": [1, 2], "batch": [8], "width": [16], "num_critics": 2}
-        args.repeats, args.min_repeats = min(args.repeats, 2), 1
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    args = parse_options(argv)
 
     import jax
 
@@ -614,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results",
         f"adjoint_step_{_common.device_tag()}.json",
     )
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config = {k: v for k, v in dataclasses.asdict(args).items() if k != "out"}
     print(_common.format_machine_info(info))
     print(f"config  : {config}", flush=True)
 
@@ -664,9 +581,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         {"num_steps": num_steps, "batch": batch, "width": width, "note": NA_K1}
                     )
                     continue
-                this = argparse.Namespace(**vars(args))
                 is_target = (num_steps, batch, width) == tuple(TARGET.values())
-                this.breakdown = args.breakdown and (is_target or not args.breakdown_only_target)
+                this = dataclasses.replace(
+                    args, breakdown=args.breakdown and (is_target or not args.breakdown_only_target)
+                )
                 start = time.perf_counter()
                 result = run_config(nets, this, num_steps, batch, width)
                 result["wall_s"] = time.perf_counter() - start

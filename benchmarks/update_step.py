@@ -1,61 +1,66 @@
-"""Benchmark: the whole QAM update step, and the offline loop that samples and updates.
+"""Benchmark: the whole update step of every registered agent, and the offline loop.
 
-What is measured, per variant (`qam`: `QAMConfig()`; `qam-fql`: `fql_alpha=30`; `qam-edit`:
-`edit_scale=0.1`; every other field at the paper configuration: 4x512 networks, 10 critics,
-K = 10 flow steps, chunks of H = 5, batch 256) on a synthetic 37-dim observation, 5-dim action
-task, and per seed count S (`--seeds 1 8`):
+Only the agent interface is used (`qam.agents.AGENTS[name]`: `config`, `init`, `update`,
+`act`), so every method registered there is benchmarked the same way, without naming it here.
+Per agent (`--agent NAME [NAME ...]`, default: every registered one) at its paper
+configuration, `AGENTS[name].config()` (the shared defaults: 4x512 networks, 10 critics, chunks
+of H = 5; the method's own fields, e.g. K = 10 flow steps, at their defaults), batch 256, on a
+synthetic 37-dim observation, 5-dim action task, and per seed count S (`--seeds 1 8`):
 
-- **update**: `qam.agents.qam.update` on a fixed batch (one per seed), jitted with the agent
-  state donated and fed back, so each call is one real gradient step. S = 1 is the bare
-  function; S > 1 is `jax.vmap` of it over S agents made by `eqx.filter_vmap(init)` of S keys
-  (each seed its own batch and key). Reported in steps/s (S seeds count S steps per call).
+- **update**: `agent.update` on a fixed `qam.data.SequenceBatch` (one per seed), jitted with
+  the agent state donated and fed back, so each call is one real gradient step. S = 1 is the
+  bare function; S > 1 is `jax.vmap` of it over S agents made by `eqx.filter_vmap(agent.init)`
+  of S keys (each seed its own batch and key). Reported in ms per call and steps/s (S seeds
+  count S steps per call).
 - **loop**: the offline loop: one jitted call of a `lax.scan` over N (`--loop-steps`) steps of
   `qam.data.sample_sequence` (from an on-device `qam.data.Dataset`) followed by `update`, the
   way `qam.train` runs offline training. Reported in steps/s and as a fraction of the bare
   update's rate (target: >= 0.9, i.e. sampling costs < 10%).
 
-For every compiled function: the compile time (trace + lower + XLA compile, timed ahead of time
-with `jax.jit(f).lower(...).compile()`, reported separately from the run time), the median and
-inter-quartile range of the call time over repeats (adaptive: `--repeats` calls at most, at least
-`--min-repeats`, stopping once `--max-seconds` have been spent), and FLOPs per step two ways:
+For every compiled function: the compile time (trace + lower + XLA compile, timed ahead of
+time with `jax.jit(f).trace(...).lower().compile()`, reported separately from the run time),
+the median and inter-quartile range of the call time over repeats (adaptive: `--repeats` calls
+at most, at least `--min-repeats`, stopping once `--max-seconds` have been spent), and FLOPs
+per update two ways:
 
 - `xla_gflop`: XLA's `cost_analysis()` of the compiled update. XLA counts a loop body once
-  whatever its trip count, so it undercounts every `lax.scan` (the K-step ODE/SDE rollouts and
-  the lean adjoint of QAM are scans).
+  whatever its trip count, so it undercounts every `lax.scan` (e.g. QAM's K-step ODE/SDE
+  rollouts and lean adjoint).
 - `gflop`: the matrix-product FLOPs of the jaxpr with each `scan` body counted `length` times
   (`_common.matmul_flops`; elementwise work, small next to the 512-wide products, is ignored).
-  This is the count the efficiency uses (it is the one that matches the paper-configuration
-  estimate of about 61 GFLOP per update).
+  This is the count the efficiency uses.
 
-Efficiency: `gflop * steps/s` divided by the machine's measured matrix-multiply rate, timed here
-as the median of a jitted float32 `n x n @ n x n` product (`--matmul-size`, default 2048;
-`2 n^3 / t`). Targets (benchmarked, not asserted): on CPU the authors' implementation reaches
-about half the matmul rate, ours should reach >= 65%; the offline loop within 10% of the bare
-update; on a GPU, 8 vmapped seeds >= 4x the total steps/s of one seed.
+Efficiency ("% of matmul"): `gflop * steps/s` divided by the machine's measured matrix-multiply
+rate, timed as the median of a jitted float32 `n x n @ n x n` product (`--matmul-size`, default
+2048; `2 n^3 / t`), interleaved with the timed calls because a shared machine drifts. Targets
+(benchmarked, not asserted): >= 65% of the matmul rate on CPU; the offline loop within 10% of
+the bare update; on a GPU, 8 vmapped seeds >= 4x the total steps/s of one seed.
 
-`--breakdown` also times the parts of one `qam` update, each jitted on its own (their sum
-exceeds the fused update a little): the next-chunk sampling of the critic target (K-step ODE of
-`actor_fast` + target critic), the critic TD gradient, the behaviour-cloning flow-matching
-gradient, the adjoint-matching gradient (SDE rollout, terminal critic gradient, lean adjoint,
-AM loss gradient) and the optimiser (clip + Adam + Polyak), each with its FLOPs and matmul-rate
-fraction: where the time goes.
+`--breakdown` also times the parts of one update, each jitted on its own (their sum exceeds
+the fused update a little), for every selected agent whose state exposes QAM's pieces (a
+`critic`, `actor_slow` and `actor_fast` in `params`, Polyak targets of the critic and
+`actor_slow`, and the config fields the terms need; the QAM family today): the next chunk of
+the critic target (`agent.act`), and the gradients of the public terms the update sums,
+`qam.agents.critic_term`, `flow_term` and `adjoint_matching_term` (its value alone too), plus
+the one-step or edit policy's `one_step_distillation_term` / `edit_policy_term` with the
+flow actions they are trained on, and the optimiser (`qam.agents.gradient_step`: clip + Adam +
+Polyak); each with its FLOPs and matmul-rate fraction. The stages inside the adjoint-matching
+term (rollout, terminal critic gradient, lean adjoint) are broken down by
+`benchmarks/adjoint_step.py --breakdown`.
 
-Defaults: on CPU one seed only (8 vmapped paper-size seeds should take about 8x one seed's
-~1.2 s a step on 2 cores, not measured; ask with `--seeds 1 8`), on GPU `--seeds 1 8`. A default
-CPU run of all three variants with `--breakdown` took 7 minutes on 2 shared cores.
-`--quick` runs tiny networks (for the tests). Results go to
-`benchmarks/results/update_step_<device>.json` and `.md` (atomic writes);
+Defaults: on CPU one seed (ask for 8 with `--seeds 1 8`), on GPU `--seeds 1 8`. `--quick` runs
+tiny networks (for the tests). Results go to `benchmarks/results/update_step_<device>.json` and
+`.md` (atomic writes); the `.md` ends with the summary table of `benchmarks/README.md`.
 `python benchmarks/update_step.py --help` lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
+import ast
+import dataclasses
 import os
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,51 +68,131 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-VARIANT_OVERRIDES = {"qam": {}, "qam-fql": {"fql_alpha": 30.0}, "qam-edit": {"edit_scale": 0.1}}
-PAPER = {
-    "batch": 256,
-    "width": 512,
-    "depth": 4,
-    "num_critics": 10,
-    "flow_steps": 10,
-    "horizon": 5,
-    "obs_dim": 37,
-    "action_dim": 5,
-}
+# The synthetic task and batch (not agent config fields): paper-sized and `--quick` sizes.
+PAPER_TASK = {"batch": 256, "obs_dim": 37, "action_dim": 5}
 QUICK = {
     "batch": 8,
+    "obs_dim": 4,
+    "action_dim": 2,
     "width": 16,
     "depth": 2,
     "num_critics": 2,
     "flow_steps": 2,
     "horizon": 2,
-    "obs_dim": 4,
-    "action_dim": 2,
 }
 TARGET_FRACTION = 0.65
 TARGET_LOOP_RATIO = 0.9
 TARGET_VMAP_SPEEDUP = 4.0
 
 
+@dataclasses.dataclass
+class Options:
+    """Time the whole update step of every registered agent (qam.agents.AGENTS) at its paper
+    configuration, for one seed and S vmapped seeds, and the offline sample+update loop; report
+    ms and GFLOP per update and the fraction of the measured matmul rate."""
+
+    agent: tuple[str, ...] = ()  # registered agents to run (qam.agents.AGENTS); empty: all
+    seeds: tuple[int, ...] | None = None  # seed counts S (S > 1: vmapped); None: 1 on CPU, 1 8 else
+    batch: int | None = None  # batch size B; None: 256 (--quick: 8)
+    width: int | None = None  # width of every *_hidden network of the config; None: agent's
+    depth: int | None = None  # hidden layers of those networks; None: the agent's
+    num_critics: int | None = None  # critic ensemble size (config num_qs); None: the agent's
+    flow_steps: int | None = None  # flow steps K, where the config has flow_steps; None: agent's
+    horizon: int | None = None  # action chunk length H; None: the agent's
+    override: tuple[str, ...] = ()  # more config FIELD=VALUE (Python literal), where FIELD exists
+    obs_dim: int | None = None  # observation size of the synthetic task; None: 37 (--quick: 4)
+    action_dim: int | None = None  # action size of the synthetic task; None: 5 (--quick: 2)
+    loop_steps: int | None = None  # N steps per offline-loop scan, 0 skips; None: 10 (CPU), 50
+    dataset_size: int = 100_000  # rows of the synthetic dataset
+    episode_length: int = 1000  # episode length of the synthetic dataset
+    repeats: int = 5  # timed rounds per measurement (max)
+    min_repeats: int = 2  # timed rounds per measurement (min)
+    max_seconds: float = 45.0  # stop a measurement once its timed calls took this long
+    matmul_size: int = 2048  # n of the n x n float32 matmul-rate probe
+    probe_calls: int = 2  # matmul-probe calls before each round of timed calls
+    breakdown: bool = False  # also time the parts of one update (agents with QAM's terms)
+    donate: bool = True  # donate the agent state to the jitted update
+    seed: int = 0  # PRNG seed for weights and data
+    platform: Literal["cpu", "gpu", "tpu"] | None = None  # JAX platform; None: JAX's choice
+    out: str | None = None  # JSON path, .md beside; None: results/update_step_<device>.json
+    fast_compile: bool = False  # XLA backend optimisation level 0 (smoke tests; --quick implies)
+    quick: bool = False  # tiny sizes, <= 2 repeats, fast compile: a harness test, not a benchmark
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    """The command line (`tyro`) with the backend-dependent defaults left as `None`."""
+    return _common.parse_options(Options, argv, prog="update_step.py")
+
+
+def resolve(opts: Options, backend: str) -> Options:
+    """`opts` with every default filled in (`--quick` sizes, backend-dependent defaults)."""
+    fill: dict[str, Any] = {}
+    sizes = QUICK if opts.quick else PAPER_TASK
+    for name, value in sizes.items():
+        if getattr(opts, name) is None:
+            fill[name] = value
+    if opts.quick:
+        fill.update(
+            repeats=min(opts.repeats, 2),
+            min_repeats=1,
+            dataset_size=min(opts.dataset_size, 1000),
+            episode_length=min(opts.episode_length, 50),
+            matmul_size=min(opts.matmul_size, 256),
+            fast_compile=True,
+        )
+    if opts.seeds is None:
+        fill["seeds"] = (1,) if backend == "cpu" else (1, 8)
+    if opts.loop_steps is None:
+        fill["loop_steps"] = 3 if opts.quick else (10 if backend == "cpu" else 50)
+    return dataclasses.replace(opts, **fill)
+
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 
 
-def make_config(variant: str, args: argparse.Namespace):
-    from qam.agents import QAMConfig
+def registered_agents() -> dict[str, Any]:
+    from qam.agents import AGENTS
 
-    hidden = (args.width,) * args.depth
-    return QAMConfig(
-        actor_hidden=hidden,
-        critic_hidden=hidden,
-        num_qs=args.num_critics,
-        flow_steps=args.flow_steps,
-        horizon=args.horizon,
-        **VARIANT_OVERRIDES[variant],
-    )
+    return dict(AGENTS)
 
 
-def make_dataset(args: argparse.Namespace, seed: int):
+def config_overrides(agent, opts: Options) -> dict[str, Any]:
+    """The config fields the options set, only where `agent.config_class` has them: `--width`
+    / `--depth` on every `*_hidden` tuple field, `--num-critics` on `num_qs`, `--flow-steps`,
+    `--horizon`, then `--override FIELD=VALUE`."""
+    defaults = agent.config()
+    fields = {f.name for f in dataclasses.fields(defaults)}
+    out: dict[str, Any] = {}
+    for name in fields:
+        hidden = getattr(defaults, name)
+        if name.endswith("_hidden") and isinstance(hidden, tuple) and hidden:
+            width = opts.width if opts.width is not None else hidden[0]
+            depth = opts.depth if opts.depth is not None else len(hidden)
+            if (opts.width, opts.depth) != (None, None):
+                out[name] = (width,) * depth
+    for option, field in (("num_critics", "num_qs"), ("flow_steps", "flow_steps")):
+        if getattr(opts, option) is not None and field in fields:
+            out[field] = getattr(opts, option)
+    if opts.horizon is not None and "horizon" in fields:
+        out["horizon"] = opts.horizon
+    for item in opts.override:
+        field, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--override {item!r}: expected FIELD=VALUE.")
+        if field in fields:
+            try:
+                out[field] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                out[field] = text  # a bare string, e.g. a variant name
+    return out
+
+
+def make_config(agent, opts: Options):
+    return agent.config(**config_overrides(agent, opts))
+
+
+def make_dataset(opts: Options, seed: int):
     """A synthetic on-device dataset: Gaussian observations, actions in [-1, 1], episodes of
     `--episode-length` steps."""
     import numpy as np
@@ -115,9 +200,9 @@ def make_dataset(args: argparse.Namespace, seed: int):
     import qam.data as qd
 
     rng = np.random.default_rng(seed)
-    n, obs_dim, action_dim = args.dataset_size, args.obs_dim, args.action_dim
+    n, obs_dim, action_dim = opts.dataset_size, opts.obs_dim, opts.action_dim
     terminals = np.zeros(n, np.float32)
-    terminals[args.episode_length - 1 :: args.episode_length] = 1.0
+    terminals[opts.episode_length - 1 :: opts.episode_length] = 1.0
     terminals[-1] = 1.0
     observations = rng.standard_normal((n, obs_dim), dtype=np.float32)
     next_observations = np.concatenate([observations[1:], observations[-1:]], axis=0)
@@ -134,32 +219,30 @@ def make_dataset(args: argparse.Namespace, seed: int):
 
 
 def sample_batches(dataset, key, num_seeds: int, config, batch: int):
-    """One `ChunkBatch` per seed (stacked on a leading axis when `num_seeds > 1`)."""
+    """One `qam.data.SequenceBatch` per seed (stacked on a leading axis when `num_seeds > 1`)."""
     import jax
 
     import qam.data as qd
-    from qam.agents import ChunkBatch
 
     def one(k):
-        b = qd.sample_sequence(dataset, k, batch, horizon=config.horizon, discount=config.discount)
-        return ChunkBatch(*b)
+        return qd.sample_sequence(
+            dataset, k, batch, horizon=config.horizon, discount=config.discount
+        )
 
     if num_seeds == 1:
         return one(key)
     return jax.vmap(one)(jax.random.split(key, num_seeds))
 
 
-def init_states(config, args: argparse.Namespace, num_seeds: int, seed: int):
+def init_states(agent, config, opts: Options, num_seeds: int, seed: int):
     """Agent state(s), split into (arrays, static): S = 1 plain, S > 1 `eqx.filter_vmap`.
     Every array leaf is a distinct buffer."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
 
-    from qam.agents import qam as agent
-
-    obs = jnp.zeros((args.obs_dim,), jnp.float32)
-    action = jnp.zeros((args.action_dim,), jnp.float32)
+    obs = jnp.zeros((opts.obs_dim,), jnp.float32)
+    action = jnp.zeros((opts.action_dim,), jnp.float32)
     key = jax.random.PRNGKey(seed)
     init = eqx.filter_jit(lambda k: agent.init(k, obs, action, config))  # one compile, not
     if num_seeds == 1:  # hundreds of eager dispatches
@@ -176,29 +259,26 @@ def init_states(config, args: argparse.Namespace, num_seeds: int, seed: int):
 # over, so that `jax.jit` can donate the state.
 
 
-def make_update_fn(static, num_seeds: int):
+def make_update_fn(agent, static, num_seeds: int):
     import equinox as eqx
     import jax
 
-    from qam.agents import qam as agent
-
     def single(dynamic, batch, key):
         new, metrics = agent.update(eqx.combine(dynamic, static), batch, key=key)
-        return eqx.filter(new, eqx.is_array), metrics["total_loss"]
+        return eqx.filter(new, eqx.is_array), metrics
 
     if num_seeds == 1:
         return single
     return jax.vmap(single)
 
 
-def make_loop_fn(static, num_seeds: int, dataset_static, config, batch: int, num_steps: int):
+def make_loop_fn(agent, static, num_seeds: int, dataset_static, config, batch, num_steps):
     import equinox as eqx
     import jax
 
     import qam.data as qd
-    from qam.agents import ChunkBatch
 
-    update = make_update_fn(static, 1)
+    update = make_update_fn(agent, static, 1)
 
     def one_seed(dynamic, dataset_dynamic, key):
         dataset = eqx.combine(dataset_dynamic, dataset_static)
@@ -208,7 +288,7 @@ def make_loop_fn(static, num_seeds: int, dataset_static, config, batch: int, num
             b = qd.sample_sequence(
                 dataset, sample_key, batch, horizon=config.horizon, discount=config.discount
             )
-            return update(dynamic, ChunkBatch(*b), update_key)
+            return update(dynamic, b, update_key)
 
         return jax.lax.scan(body, dynamic, jax.random.split(key, num_steps))
 
@@ -238,12 +318,13 @@ def compile_fn(fn, example_args, donate: bool) -> tuple[Any, dict[str, Any]]:
 
     jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
     start = time.perf_counter()
-    lowered = jitted.lower(*example_args)
+    traced = jitted.trace(*example_args)
+    lowered = traced.lower()
     compiled = lowered.compile(dict(COMPILER_OPTIONS)) if COMPILER_OPTIONS else lowered.compile()
     compile_s = time.perf_counter() - start
     stats = _common.compile_stats(compiled)
     try:
-        matmul = _common.matmul_flops(jax.make_jaxpr(fn)(*example_args))
+        matmul = _common.matmul_flops(traced.jaxpr)
     except Exception:  # noqa: BLE001 - the count is informative only
         matmul = None
     return compiled, {
@@ -285,7 +366,7 @@ class MatmulProbe:
         return self.f(self.a, self.b)
 
 
-def interleaved(calls: dict[str, Any], probe: MatmulProbe, args) -> dict[str, dict[str, Any]]:
+def interleaved(calls: dict[str, Any], probe: MatmulProbe, opts) -> dict[str, dict[str, Any]]:
     """Time every call of `calls` (one untimed warm-up each), round-robin with `--probe-calls`
     matmul-probe calls per round, for `--repeats` rounds at most (at least `--min-repeats`,
     stopping once `--max-seconds` have been spent). On a shared machine the load drifts;
@@ -295,8 +376,8 @@ def interleaved(calls: dict[str, Any], probe: MatmulProbe, args) -> dict[str, di
         _common.block(fn())
     times: dict[str, list[float]] = {name: [] for name in [*calls, "matmul"]}
     spent = 0.0
-    for i in range(max(args.repeats, 1)):
-        for _ in range(args.probe_calls):
+    for i in range(max(opts.repeats, 1)):
+        for _ in range(max(opts.probe_calls, 1)):
             start = time.perf_counter()
             _common.block(probe())
             times["matmul"].append(time.perf_counter() - start)
@@ -306,17 +387,17 @@ def interleaved(calls: dict[str, Any], probe: MatmulProbe, args) -> dict[str, di
             elapsed = time.perf_counter() - start
             times[name].append(elapsed)
             spent += elapsed
-        if i + 1 >= args.min_repeats and spent >= args.max_seconds:
+        if i + 1 >= opts.min_repeats and spent >= opts.max_seconds:
             break
     out = {name: _common.summarize(t) for name, t in times.items()}
     out["matmul"]["gflops_per_s"] = probe.flops / out["matmul"]["median_s"] / 1e9
     return out
 
 
-def matmul_rate(probe: MatmulProbe, args: argparse.Namespace) -> dict[str, Any]:
+def matmul_rate(probe: MatmulProbe, opts: Options) -> dict[str, Any]:
     """A standalone measurement of the probe's rate (median of at least 10 calls)."""
     timing = _common.time_calls(
-        probe, repeats=max(args.repeats, 10), min_repeats=3, max_seconds=10.0
+        probe, repeats=max(opts.repeats, 10), min_repeats=3, max_seconds=10.0
     )
     return {
         **timing,
@@ -326,212 +407,284 @@ def matmul_rate(probe: MatmulProbe, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _rate(flops, steps_per_s, peak) -> float | None:
-    if flops is None or peak is None:
+def _rate(gflop, steps_per_s, peak_gflops) -> float | None:
+    if gflop is None or peak_gflops is None:
         return None
-    return flops * steps_per_s / peak
+    return gflop * steps_per_s / peak_gflops
 
 
 def _gflop(flops, per=1):
     return flops / per / 1e9 if flops is not None else None
 
 
-def bench_variant(variant: str, num_seeds: int, args, dataset, probe) -> dict[str, Any]:
+def bench_agent(name: str, num_seeds: int, opts: Options, dataset, probe) -> dict[str, Any]:
     import equinox as eqx
     import jax
+    import jax.numpy as jnp
 
-    config = make_config(variant, args)
-    key = jax.random.PRNGKey(args.seed + 1)
-    dynamic, static = init_states(config, args, num_seeds, args.seed)
-    batches = sample_batches(dataset, key, num_seeds, config, args.batch)
+    agent = registered_agents()[name]
+    config = make_config(agent, opts)
+    key = jax.random.PRNGKey(opts.seed + 1)
+    dynamic, static = init_states(agent, config, opts, num_seeds, opts.seed)
+    batches = sample_batches(dataset, key, num_seeds, config, opts.batch)
     step_keys = (
         (lambda i: jax.random.fold_in(key, i))
         if num_seeds == 1
         else (lambda i: jax.random.split(jax.random.fold_in(key, i), num_seeds))
     )
-    row: dict[str, Any] = {"variant": variant, "seeds": num_seeds}
+    row: dict[str, Any] = {
+        "agent": name,
+        "seeds": num_seeds,
+        "config": dataclasses.asdict(config),
+        "overrides": config_overrides(agent, opts),
+    }
 
     # Bare update on a fixed batch.
-    update = make_update_fn(static, num_seeds)
-    compiled_u, cost_u = compile_fn(update, (dynamic, batches, step_keys(0)), args.donate)
+    update = make_update_fn(agent, static, num_seeds)
+    compiled_u, cost_u = compile_fn(update, (dynamic, batches, step_keys(0)), opts.donate)
     calls = {"update": Stateful(compiled_u, dynamic, lambda i: (batches, step_keys(i)))}
 
     # Offline loop: N x (sample + update) in one jitted scan, on its own copy of the state.
-    if args.loop_steps > 0:
-        import jax.numpy as jnp
-
+    if opts.loop_steps > 0:
         ds_dynamic, ds_static = eqx.partition(dataset, eqx.is_array)
-        loop = make_loop_fn(static, num_seeds, ds_static, config, args.batch, args.loop_steps)
+        loop = make_loop_fn(
+            agent, static, num_seeds, ds_static, config, opts.batch, opts.loop_steps
+        )
         loop_state = jax.tree_util.tree_map(jnp.copy, dynamic)
-        compiled_l, cost_l = compile_fn(loop, (loop_state, ds_dynamic, step_keys(0)), args.donate)
+        compiled_l, cost_l = compile_fn(loop, (loop_state, ds_dynamic, step_keys(0)), opts.donate)
         calls["loop"] = Stateful(compiled_l, loop_state, lambda i: (ds_dynamic, step_keys(i)))
 
-    timings = interleaved(calls, probe, args)
-    peak = probe.flops / timings["matmul"]["median_s"]
-    row["matmul_gflops_per_s"] = timings["matmul"]["gflops_per_s"]
+    timings = interleaved(calls, probe, opts)
+    peak = timings["matmul"]["gflops_per_s"]
+    row["matmul_gflops_per_s"] = peak
     timing = timings["update"]
     steps_per_s = num_seeds / timing["median_s"]
-    flops = cost_u["matmul_flops"]
+    gflop = _gflop(cost_u["matmul_flops"], num_seeds)
+    xla_gflop = _gflop(cost_u["xla_flops"], num_seeds)
     row["update"] = {
         "compile_s": cost_u["compile_s"],
         **timing,
+        "ms_per_update": 1e3 * timing["median_s"] / num_seeds,
         "steps_per_s": steps_per_s,
-        "gflop": _gflop(flops, num_seeds),
-        "xla_gflop": _gflop(cost_u["xla_flops"], num_seeds),
+        "gflop": gflop,
+        "xla_gflop": xla_gflop,
         "peak_estimate_bytes": cost_u["peak_estimate_bytes"],
-        "fraction_of_matmul": _rate(_gflop(flops, num_seeds), steps_per_s, peak / 1e9),
-        "fraction_of_matmul_xla_count": _rate(
-            _gflop(cost_u["xla_flops"], num_seeds), steps_per_s, peak / 1e9
-        ),
+        "fraction_of_matmul": _rate(gflop, steps_per_s, peak),
+        "fraction_of_matmul_xla_count": _rate(xla_gflop, steps_per_s, peak),
     }
-    if args.loop_steps > 0:
+    if opts.loop_steps > 0:
         timing = timings["loop"]
-        loop_rate = num_seeds * args.loop_steps / timing["median_s"]
+        loop_rate = num_seeds * opts.loop_steps / timing["median_s"]
         row["loop"] = {
-            "steps": args.loop_steps,
+            "steps": opts.loop_steps,
             "compile_s": cost_l["compile_s"],
             **timing,
             "steps_per_s": loop_rate,
             "ratio_to_update": loop_rate / steps_per_s,
-            "fraction_of_matmul": _rate(_gflop(flops, num_seeds), loop_rate, peak / 1e9),
+            "fraction_of_matmul": _rate(gflop, loop_rate, peak),
         }
     jax.block_until_ready([c.state for c in calls.values()])
     return row
 
 
 # --------------------------------------------------------------------------------------------
-# Per-part breakdown of one `qam` update (single seed)
+# Per-term breakdown of one update (single seed), for agents built from QAM's public terms
 
 
-def breakdown(args, dataset, probe) -> list[dict[str, Any]]:
+QAM_PARAMS = ("critic", "actor_slow", "actor_fast")
+QAM_TARGETS = ("critic", "actor_slow")
+QAM_CONFIG = (
+    "flow_steps", "inv_temp", "residual", "clip_adj", "target_actor", "use_target_grad",
+    "discount", "rho", "action_chunking",
+)  # fmt: skip
+
+
+def has_qam_terms(state) -> bool:
+    """Whether `state` has the pieces QAM's update assembles its terms from (see the module
+    docstring); the breakdown runs for such agents only."""
+    return (
+        all(getattr(state.params, n, None) is not None for n in QAM_PARAMS)
+        and all(n in state.targets for n in QAM_TARGETS)
+        and all(hasattr(state.config, n) for n in QAM_CONFIG)
+    )
+
+
+def breakdown_parts(agent, state, batch, key) -> list[tuple[str, bool, Any, tuple]]:
+    """`(part, counted in the sum, fn, args)` for every part of one QAM-family update, each a
+    call of the agent's interface or of a public term in `qam.agents`. `counted in the sum`:
+    the parts whose FLOPs add up to the whole update's, `agent.update` (the others are sub-parts
+    or the optimiser)."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
-    import optax
 
     import qam
-    from qam._adjoint import _fused_loss, _fused_rollout
-    from qam._sde import _prepare_rollout
-    from qam.agents import critic_loss, make_optimizer, polyak_update, qam as agent
+    from qam.agents import (
+        adjoint_matching_term,
+        critic_term,
+        edit_policy_term,
+        flow_term,
+        gradient_step,
+        one_step_distillation_term,
+        target_entropy,
+    )
 
-    config = make_config("qam", args)
-    key = jax.random.PRNGKey(args.seed + 2)
-    dynamic, static = init_states(config, args, 1, args.seed)
-    state = eqx.combine(dynamic, static)
-    batch = sample_batches(dataset, key, 1, config, args.batch)
-    b = args.batch
-    dim = state.action_dim
+    config, dim = state.config, state.action_dim
+    params, targets = state.params, state.targets
     obs = batch.observations
-    actions = batch.actions.reshape(b, -1)
-    sg = lambda t: eqx.combine(jax.lax.stop_gradient(eqx.filter(t, eqx.is_array)), t)  # noqa: E731
+    b = obs.shape[0]
+    keys = jax.random.split(key, 4)
+    parts: list[tuple[str, bool, Any, tuple]] = []
 
-    def next_action(state, batch, k):
+    def add(name: str, in_sum: bool, fn, *args):
+        parts.append((name, in_sum, fn, args))
+
+    def next_chunk(state, batch, k):
         next_obs = batch.next_observations[:, -1]
-        a = jax.vmap(lambda o, kk: agent.act(state, o, key=kk))(next_obs, jax.random.split(k, b))
-        return state.target_critic.batched(next_obs, a)
+        return jax.vmap(lambda o, kk: agent.act(state, o, key=kk))(next_obs, jax.random.split(k, b))
 
-    def critic_grad(state, batch, k):
-        del k
-        next_q = jnp.zeros((b, config.num_qs), jnp.float32)
+    next_actions = eqx.filter_jit(next_chunk)(state, batch, keys[0])
+    add("critic target: next chunk (agent.act)", True, next_chunk, state, batch, keys[0])
 
+    def critic_grad(critic, target, batch, next_actions):
         def loss(c):
-            q = c.batched(obs, actions)
-            return critic_loss(q, batch, next_q, discount=config.discount, rho=config.rho)[0]
+            return critic_term(
+                c, target, batch, next_actions, discount=config.discount, rho=config.rho,
+                chunked=config.action_chunking,
+            )[0]  # fmt: skip
 
-        return eqx.filter_grad(loss)(state.critic)
+        return eqx.filter_grad(loss)(critic)
 
-    def flow_grad(state, batch, k):
-        def loss(v):
-            per = jax.vmap(lambda o, a, kk: qam.flow_matching_loss(v, o, a, key=kk))(
-                obs, actions, jax.random.split(k, b)
-            )
-            return jnp.mean(per)
+    critic_args = (params.critic, targets["critic"], batch, next_actions)
+    add("critic_term gradient", True, critic_grad, *critic_args)
 
-        return eqx.filter_grad(loss)(state.actor_slow)
+    def flow_grad(velocity, batch, k):
+        loss = lambda v: flow_term(v, batch, key=k, chunked=config.action_chunking)[0]
+        return eqx.filter_grad(loss)(velocity)
 
-    def am_parts(state, k, upto):
-        # The agent's adjoint-matching term, cut after each stage (as `agent._losses`
-        # computes it: fused rollout, one batched terminal critic gradient, fused loss).
-        base, critic = sg(state.target_actor_slow), sg(state.target_critic)
+    add("flow_term gradient", True, flow_grad, params.actor_slow, batch, keys[1])
 
-        def loss(fast):
-            def rollout_one(o, kk):
-                noise, h, ts, _ = _prepare_rollout("bench", kk, None, dim, config.flow_steps, base)
-                return _fused_rollout(fast, base, o, noise, h, ts, residual=False)
+    base = targets["actor_slow"] if config.target_actor else params.actor_slow
+    reward_critic = targets["critic"] if config.use_target_grad else params.critic
 
-            traj, controls = jax.vmap(rollout_one)(obs, jax.random.split(k, b))
-            if upto == "rollout":
-                return jnp.sum(controls), traj
+    def am_loss(fast, base, critic, obs, k):
+        return adjoint_matching_term(
+            fast, base, critic, obs, key=k, inv_temp=config.inv_temp, action_dim=dim,
+            num_steps=config.flow_steps, residual=config.residual, clip_action=config.clip_adj,
+        )[0]  # fmt: skip
 
-            def q_mean_sum(a):
-                return jnp.sum(jnp.mean(critic.batched(obs, jnp.clip(a, -1.0, 1.0)), axis=1))
+    am_args = (params.actor_fast, base, reward_critic, obs, keys[2])
+    add("adjoint_matching_term value", False, am_loss, *am_args)
+    add("adjoint_matching_term gradient", True, eqx.filter_grad(am_loss), *am_args)
 
-            term = -config.inv_temp * jax.grad(q_mean_sum)(traj.action)
-            if upto == "terminal":
-                return jnp.sum(controls), (traj, term)
-            if upto == "adjoint":  # without the backward pass through the fine velocity
-                controls = jax.lax.stop_gradient(controls)
-            per = jax.vmap(_fused_loss, in_axes=(None, 0, 0, 0, 0))(base, obs, traj, controls, term)
-            return jnp.mean(per), None
+    one_step = getattr(params, "one_step", None)
+    edit = getattr(params, "edit", None)
+    if one_step is not None or edit is not None:
+        noise = jax.random.normal(keys[3], (b, dim), obs.dtype)
 
-        if upto in ("rollout", "terminal", "adjoint"):
-            return loss(sg(state.actor_fast))
-        return eqx.filter_grad(lambda f: loss(f)[0])(state.actor_fast)
+        def flow_actions_fn(slow, fast, obs, noise):
+            # What the policy is trained on: the deployed flow's Euler ODE (the behaviour flow
+            # when inv_temp = 0, else the fine-tuned one, plus the behaviour flow if residual).
+            if config.inv_temp == 0:
+                velocity = slow
+            elif config.residual:
+                velocity = lambda t, x, o: fast(t, x, o) + slow(t, x, o)  # noqa: E731
+            else:
+                velocity = fast
+            ode = lambda o, z: qam.ode_sample(velocity, o, noise=z, num_steps=config.flow_steps)
+            return jax.vmap(ode)(obs, noise)
 
-    def optimiser(state, batch, k):
-        del batch, k
-        params = agent._trainable(state)
-        dyn = eqx.filter(params, eqx.is_inexact_array)
-        opt = make_optimizer(config.learning_rate, clip_grad=config.clip_grad)
-        updates, opt_state = opt.update(dyn, state.opt_state, dyn)
-        new = optax.apply_updates(dyn, updates)
-        targets = (
-            polyak_update(state.target_critic, state.critic, tau=config.tau),
-            polyak_update(state.target_actor_slow, state.actor_slow, tau=config.tau),
-        )
-        return new, opt_state, eqx.filter(targets, eqx.is_array)
+        flow_args = (params.actor_slow, params.actor_fast, obs, noise)
+        flow_actions = eqx.filter_jit(flow_actions_fn)(*flow_args)
+        add("policy: flow actions (K-step ODE)", True, flow_actions_fn, *flow_args)
+        if one_step is not None:
 
-    def whole(state, batch, k):
-        return eqx.filter(agent.update(state, batch, key=k), eqx.is_array)
+            def distill_grad(policy, critic, obs, noise, flow_actions):
+                loss = lambda p: one_step_distillation_term(
+                    p, critic, obs, noise, flow_actions, alpha=config.fql_alpha
+                )[0]
+                return eqx.filter_grad(loss)(policy)
 
-    parts = [
-        ("critic target: next chunk (K-step ODE) + target critic", next_action),
-        ("critic TD gradient", critic_grad),
-        ("BC flow-matching gradient", flow_grad),
-        ("AM: SDE rollout (fine + base velocity)", lambda s, bt, k: am_parts(s, k, "rollout")),
-        ("AM: + batched terminal critic gradient", lambda s, bt, k: am_parts(s, k, "terminal")),
-        ("AM: + lean adjoint + loss", lambda s, bt, k: am_parts(s, k, "adjoint")),
-        ("AM: whole gradient (+ fine velocity backward)", lambda s, bt, k: am_parts(s, k, "grad")),
-        ("optimiser: clip + Adam + Polyak", optimiser),
-        ("whole update (no donation)", whole),
-    ]
+            distill_args = (one_step, params.critic, obs, noise, flow_actions)
+            add("one_step_distillation_term gradient", True, distill_grad, *distill_args)
+        if edit is not None:
+            entropy = target_entropy(
+                dim, value=config.edit_target_entropy,
+                multiplier=config.edit_target_entropy_multiplier,
+            )  # fmt: skip
+
+            def edit_grad(policy_and_alpha, critic, obs, flow_actions, k):
+                def loss(pa):
+                    return edit_policy_term(
+                        pa[0], pa[1], critic, obs, flow_actions, key=k,
+                        edit_scale=config.edit_scale, entropy_target=entropy,
+                    )[0]  # fmt: skip
+
+                return eqx.filter_grad(loss)(policy_and_alpha)
+
+            edit_args = ((edit, params.log_alpha), params.critic, obs, flow_actions, keys[3])
+            add("edit_policy_term gradient", True, edit_grad, *edit_args)
+
+    def optimiser(state):
+        def constant_gradient(p):  # d/dp sum(p) = 1: the step's cost without a real loss
+            leaves = jax.tree.leaves(eqx.filter(p, eqx.is_inexact_array))
+            return sum(jnp.sum(x) for x in leaves), {}
+
+        return eqx.filter(gradient_step(state, constant_gradient), eqx.is_array)
+
+    add("optimiser: gradient_step (clip + Adam + Polyak)", False, optimiser, state)
+    return parts
+
+
+def breakdown(
+    name: str, opts: Options, dataset, probe, whole_gflop: float | None = None
+) -> list[dict[str, Any]]:
+    """Time every part of `breakdown_parts` for agent `name` (none if it lacks QAM's terms);
+    say so if the parts' FLOPs do not add up to `whole_gflop` (the update's, when measured)."""
+    import equinox as eqx
+    import jax
+
+    agent = registered_agents()[name]
+    config = make_config(agent, opts)
+    key = jax.random.PRNGKey(opts.seed + 2)
+    dynamic, static = init_states(agent, config, opts, 1, opts.seed)
+    state = eqx.combine(dynamic, static)
+    if not has_qam_terms(state):
+        print(f"  breakdown: {name} has no QAM terms (critic, actor_slow, actor_fast): skipped")
+        return []
+    batch = sample_batches(dataset, key, 1, config, opts.batch)
     rows = []
-    for name, fn in parts:
+    for part, in_sum, fn, args in breakdown_parts(agent, state, batch, key):
+        dyn, stat = eqx.partition(args, eqx.is_array)
 
-        def f(dyn, batch, k, fn=fn):
-            return fn(eqx.combine(dyn, static), batch, k)
+        def f(dyn, fn=fn, stat=stat):
+            return fn(*eqx.combine(dyn, stat))
 
-        compiled, cost = compile_fn(f, (dynamic, batch, key), donate=False)
-        timings = interleaved(
-            {"part": lambda compiled=compiled: compiled(dynamic, batch, key)}, probe, args
-        )
-        timing = timings["part"]
-        flops = cost["matmul_flops"]
+        compiled, cost = compile_fn(f, (dyn,), donate=False)
+        timings = interleaved({"part": lambda c=compiled, d=dyn: c(d)}, probe, opts)
+        timing, peak = timings["part"], timings["matmul"]["gflops_per_s"]
+        gflop = _gflop(cost["matmul_flops"])
         rows.append(
             {
-                "part": name,
+                "agent": name,
+                "part": part,
+                "in_sum": in_sum,
                 "compile_s": cost["compile_s"],
                 **timing,
-                "gflop": _gflop(flops),
+                "gflop": gflop,
                 "xla_gflop": _gflop(cost["xla_flops"]),
-                "matmul_gflops_per_s": timings["matmul"]["gflops_per_s"],
-                "fraction_of_matmul": _rate(
-                    _gflop(flops), 1.0 / timing["median_s"], timings["matmul"]["gflops_per_s"]
-                ),
+                "matmul_gflops_per_s": peak,
+                "fraction_of_matmul": _rate(gflop, 1.0 / timing["median_s"], peak),
             }
         )
         print(f"  breakdown: {parts_table(rows[-1:]).splitlines()[-1]}", flush=True)
         del compiled
+    total = sum(r["gflop"] or 0.0 for r in rows if r["in_sum"])
+    if whole_gflop and abs(total - whole_gflop) > 1e-3 * whole_gflop:
+        print(
+            f"  breakdown: {name}'s parts add up to {total:.4g} GFLOP, its update to "
+            f"{whole_gflop:.4g}: its update is not (only) these terms"
+        )
     return rows
 
 
@@ -549,7 +702,7 @@ def _pct(x):
 
 def table(rows: list[dict[str, Any]]) -> str:
     headers = [
-        "variant",
+        "agent",
         "seeds",
         "update ms/call",
         "update steps/s",
@@ -564,18 +717,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         "vmap speed-up",
     ]
     out = []
-    one_seed = {r["variant"]: r["update"]["steps_per_s"] for r in rows if r["seeds"] == 1}
+    one_seed = {r["agent"]: r["update"]["steps_per_s"] for r in rows if r["seeds"] == 1}
     for r in rows:
         u, lp = r["update"], r.get("loop")
         speedup = (
-            u["steps_per_s"] / one_seed[r["variant"]]
-            if r["seeds"] > 1 and r["variant"] in one_seed
+            u["steps_per_s"] / one_seed[r["agent"]]
+            if r["seeds"] > 1 and r["agent"] in one_seed
             else None
         )
         half_iqr = 1e3 * u["iqr_s"] / 2
         out.append(
             [
-                r["variant"],
+                r["agent"],
                 r["seeds"],
                 f"{1e3 * u['median_s']:.4g} ± {half_iqr:.2g}",
                 _f(u["steps_per_s"]),
@@ -593,10 +746,38 @@ def table(rows: list[dict[str, Any]]) -> str:
     return _common.markdown_table(headers, out)
 
 
-def parts_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["part", "ms", "GFLOP", "XLA GFLOP", "% of matmul", "matmul GFLOP/s", "compile s"]
+def summary_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """The table of `benchmarks/README.md`: one row per agent and seed count."""
+    headers = [
+        "agent", "seeds", "ms/update", "GFLOP/update", "XLA GFLOP/update", "% of matmul rate",
+        "matmul GFLOP/s", "machine",
+    ]  # fmt: skip
+    machine = f"{info['cpu']}, {info['cpus_usable']} CPUs ({info['backend']})"
+    if info["backend"] != "cpu":
+        machine = f"{', '.join(info['devices'])} ({info['backend']})"
     out = [
         [
+            r["agent"],
+            r["seeds"],
+            f"{r['update']['ms_per_update']:.4g}",
+            _f(r["update"]["gflop"]),
+            _f(r["update"]["xla_gflop"]),
+            _pct(r["update"]["fraction_of_matmul"]),
+            _f(r.get("matmul_gflops_per_s"), "{:.0f}"),
+            machine,
+        ]
+        for r in rows
+    ]
+    return _common.markdown_table(headers, out)
+
+
+def parts_table(rows: list[dict[str, Any]]) -> str:
+    headers = [
+        "agent", "part", "ms", "GFLOP", "XLA GFLOP", "% of matmul", "matmul GFLOP/s", "compile s",
+    ]  # fmt: skip
+    out = [
+        [
+            r["agent"],
             r["part"],
             f"{1e3 * r['median_s']:.4g} ± {1e3 * r['iqr_s'] / 2:.2g}",
             _f(r["gflop"]),
@@ -614,9 +795,9 @@ def targets(rows, mm, backend: str) -> list[str]:
     lines = [f"- matmul rate ({mm['size']}^3 float32): {mm['gflops_per_s']:.1f} GFLOP/s"]
     for r in rows:
         u, lp = r["update"], r.get("loop")
-        tag = f"{r['variant']} x{r['seeds']}"
+        tag = f"{r['agent']} x{r['seeds']}"
         if u["gflop"] is not None and r["seeds"] == 1:
-            lines.append(f"- {tag}: {u['gflop']:.3g} GFLOP per update (paper estimate ~61)")
+            lines.append(f"- {tag}: {u['gflop']:.3g} GFLOP per update")
         if u["fraction_of_matmul"] is not None:
             ok = u["fraction_of_matmul"] >= TARGET_FRACTION
             lines.append(
@@ -629,15 +810,15 @@ def targets(rows, mm, backend: str) -> list[str]:
                 f"- {tag}: offline loop at {lp['ratio_to_update']:.2f}x the bare update "
                 f"(target >= {TARGET_LOOP_RATIO}): {'met' if ok else 'NOT met'}"
             )
-    one_seed = {r["variant"]: r["update"]["steps_per_s"] for r in rows if r["seeds"] == 1}
+    one_seed = {r["agent"]: r["update"]["steps_per_s"] for r in rows if r["seeds"] == 1}
     for r in rows:
-        if r["seeds"] == 8 and r["variant"] in one_seed:
-            speedup = r["update"]["steps_per_s"] / one_seed[r["variant"]]
+        if r["seeds"] == 8 and r["agent"] in one_seed:
+            speedup = r["update"]["steps_per_s"] / one_seed[r["agent"]]
             verdict = "met" if speedup >= TARGET_VMAP_SPEEDUP else "NOT met"
             if backend == "cpu":
                 verdict += " (the target is for GPUs)"
             lines.append(
-                f"- {r['variant']}: 8 vmapped seeds at {speedup:.2f}x the steps/s of one "
+                f"- {r['agent']}: 8 vmapped seeds at {speedup:.2f}x the steps/s of one "
                 f"(target >= {TARGET_VMAP_SPEEDUP:.0f}x on GPU): {verdict}"
             )
     return lines
@@ -647,162 +828,48 @@ def targets(rows, mm, backend: str) -> list[str]:
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=(
-            "Time the whole QAM update step (qam, qam-fql, qam-edit) at the paper configuration, "
-            "one seed and S vmapped seeds, and the offline sample+update loop; report steps/s, "
-            "FLOPs per step, and the fraction of the measured matmul rate."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        choices=list(VARIANT_OVERRIDES),
-        default=list(VARIANT_OVERRIDES),
-        help="which agents: qam = QAMConfig(), qam-fql = fql_alpha 30, qam-edit = edit_scale 0.1",
-    )
-    parser.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        default=None,
-        help="seed counts to run (S > 1: agents vmapped over S init keys); default 1 on CPU "
-        "(8 paper-size seeds are slow there), 1 8 on GPU",
-    )
-    parser.add_argument("--batch", type=int, default=None, help="batch size B (paper: 256)")
-    parser.add_argument("--width", type=int, default=None, help="hidden width (paper: 512)")
-    parser.add_argument("--depth", type=int, default=None, help="hidden layers (paper: 4)")
-    parser.add_argument(
-        "--num-critics", type=int, default=None, help="critic ensemble size (paper: 10)"
-    )
-    parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (paper: 10)")
-    parser.add_argument(
-        "--horizon", type=int, default=None, help="action chunk length H (paper: 5)"
-    )
-    parser.add_argument("--obs-dim", type=int, default=None, help="observation size (paper: 37)")
-    parser.add_argument("--action-dim", type=int, default=None, help="action size (paper: 5)")
-    parser.add_argument(
-        "--loop-steps",
-        type=int,
-        default=None,
-        help="N: sample+update steps per jitted lax.scan of the offline loop; 0 skips the loop "
-        "(default 10 on CPU, 50 on GPU)",
-    )
-    parser.add_argument(
-        "--dataset-size", type=int, default=100_000, help="rows of the synthetic dataset"
-    )
-    parser.add_argument(
-        "--episode-length", type=int, default=1000, help="episode length of the synthetic dataset"
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (max)")
-    parser.add_argument(
-        "--min-repeats", type=int, default=2, help="timed rounds per measurement (min)"
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=45.0,
-        help="stop a measurement once its timed calls took this long (after --min-repeats); "
-        "a round of a variant calls the update once and the N-step loop once",
-    )
-    parser.add_argument(
-        "--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul-rate probe"
-    )
-    parser.add_argument(
-        "--probe-calls",
-        type=int,
-        default=2,
-        help="matmul-probe calls before each round of timed calls (the '%% of matmul' of a row "
-        "uses the probe's median rate over that row's rounds, as the machine may be shared)",
-    )
-    parser.add_argument(
-        "--breakdown",
-        action="store_true",
-        help="also time the parts of one qam update (critic target, critic/flow/AM gradients, "
-        "optimiser), each jitted on its own",
-    )
-    parser.add_argument(
-        "--no-donate",
-        dest="donate",
-        action="store_false",
-        help="do not donate the agent state to the jitted update (donated by default)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for weights and data")
-    parser.add_argument(
-        "--platform",
-        choices=["cpu", "gpu", "tpu"],
-        default=None,
-        help="JAX platform (default: JAX's choice, i.e. the accelerator if there is one)",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="JSON output path (markdown beside it, .md); default "
-        "benchmarks/results/update_step_<device>.json",
-    )
-    parser.add_argument(
-        "--fast-compile",
-        action="store_true",
-        help="compile with XLA's backend optimisation level 0 (shorter compiles, slower code: "
-        "for smoke tests only; implied by --quick)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny sizes (2x16 networks, 2 critics, K=2, H=2, batch 8, 256^3 matmul, 3 loop "
-        "steps), at most 2 repeats, --fast-compile: a smoke test of the harness, not a benchmark",
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    sizes = QUICK if args.quick else PAPER
-    for name, value in sizes.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.quick:
-        args.repeats, args.min_repeats = min(args.repeats, 2), 1
-        args.dataset_size = min(args.dataset_size, 1000)
-        args.episode_length = min(args.episode_length, 50)
-        args.matmul_size = min(args.matmul_size, 256)
-        args.fast_compile = True
-    COMPILER_OPTIONS.clear()
-    if args.fast_compile:
-        COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
+    opts = parse_options(argv)
 
     import jax
 
-    if args.platform is not None:
-        jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else args.platform)
+    if opts.platform is not None:
+        jax.config.update("jax_platforms", "cuda" if opts.platform == "gpu" else opts.platform)
+    registered = registered_agents()
+    unknown = [name for name in opts.agent if name not in registered]
+    if unknown:
+        raise SystemExit(
+            f"--agent: {', '.join(unknown)} not registered; qam.agents.AGENTS has "
+            f"{', '.join(registered)}."
+        )
+    names = list(opts.agent) or list(registered)
     backend = jax.default_backend()
-    if args.seeds is None:
-        args.seeds = [1] if backend == "cpu" else [1, 8]
-    if args.loop_steps is None:
-        args.loop_steps = 3 if args.quick else (10 if backend == "cpu" else 50)
+    opts = resolve(opts, backend)
+    COMPILER_OPTIONS.clear()
+    if opts.fast_compile:
+        COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
 
     info = _common.machine_info()
-    out = args.out or os.path.join(
+    out = opts.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)),
         "results",
         f"update_step_{_common.device_tag()}.json",
     )
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config = {k: v for k, v in dataclasses.asdict(opts).items() if k != "out"}
+    config["agent"] = names
     print(_common.format_machine_info(info))
     print(f"config  : {config}", flush=True)
 
     ctx = _quiet_donation()
     try:
-        probe = MatmulProbe(args.matmul_size)
-        mm = matmul_rate(probe, args)
+        probe = MatmulProbe(opts.matmul_size)
+        mm = matmul_rate(probe, opts)
         print(
-            f"matmul  : {args.matmul_size}^3 float32 in {1e3 * mm['median_s']:.2f} ms "
+            f"matmul  : {opts.matmul_size}^3 float32 in {1e3 * mm['median_s']:.2f} ms "
             f"-> {mm['gflops_per_s']:.1f} GFLOP/s (median of {mm['n']})",
             flush=True,
         )
-        dataset = make_dataset(args, args.seed)
+        dataset = make_dataset(opts, opts.seed)
         rows: list[dict[str, Any]] = []
         parts: list[dict[str, Any]] = []
 
@@ -825,7 +892,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"config  : {config}",
                 "```",
                 "",
-                f"Matmul rate: {mm['gflops_per_s']:.1f} GFLOP/s ({args.matmul_size}^3 float32, "
+                f"Matmul rate: {mm['gflops_per_s']:.1f} GFLOP/s ({opts.matmul_size}^3 float32, "
                 "median). Times: median ± half the inter-quartile range over repeats. "
                 "GFLOP/step: matrix-product FLOPs with scan bodies counted per iteration (used "
                 "for '% of matmul'); XLA GFLOP/step: `cost_analysis()`, which counts each scan "
@@ -840,19 +907,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "",
             ]
             if parts:
-                md += ["Parts of one qam update, each jitted on its own:", "", parts_table(parts)]
+                md += ["Parts of one update, each jitted on its own:", "", parts_table(parts), ""]
+            if rows:
+                md += [
+                    "Summary (the table of benchmarks/README.md):",
+                    "",
+                    summary_table(rows, info),
+                ]
             _common.write_text_atomic(os.path.splitext(out)[0] + ".md", "\n".join(md))
 
-        for variant in args.variants:
-            for num_seeds in args.seeds:
+        for name in names:
+            for num_seeds in opts.seeds:
                 start = time.perf_counter()
-                row = bench_variant(variant, num_seeds, args, dataset, probe)
+                row = bench_agent(name, num_seeds, opts, dataset, probe)
                 row["wall_s"] = time.perf_counter() - start
                 rows.append(row)
                 print(f"[{row['wall_s']:.0f}s] {table([row]).splitlines()[-1]}", flush=True)
                 save()
-        if args.breakdown:
-            parts.extend(breakdown(args, dataset, probe))
+        if opts.breakdown:
+            for name in names:
+                one = [r["update"]["gflop"] for r in rows if r["agent"] == name and r["seeds"] == 1]
+                parts.extend(breakdown(name, opts, dataset, probe, one[0] if one else None))
         save()
     finally:
         ctx.__exit__(None, None, None)
@@ -861,8 +936,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(rows))
     print("\n".join(targets(rows, mm, backend)))
     if parts:
-        print("\nParts of one qam update, each jitted on its own:\n")
+        print("\nParts of one update, each jitted on its own:\n")
         print(parts_table(parts))
+    print("\nSummary (the table of benchmarks/README.md):\n")
+    print(summary_table(rows, info))
     print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
     return {
         "machine": info,

@@ -1,11 +1,14 @@
 """The benchmark harness (`benchmarks/adjoint_step.py`) runs and reports sensibly.
 
-Only the harness is checked (tiny sizes, no timings asserted): the script's `--help`, a `--quick`
-run in a subprocess with its JSON and markdown output, that the two BPTT baselines compute
-the same loss and gradient as `qam.basic_adjoint`'s definition (same rollout, same loss), and
-that the fused AM gradient (`qam.fused_adjoint_matching_loss`) equals the composed one.
+Only the harness is checked (tiny sizes, no timings asserted): the script's `--help` (every
+option documented), a `--quick` run with its JSON and markdown output, that the benchmark's
+fused BPTT baseline computes the same loss and gradient as BAM's public term
+(`qam.agents.sde_bptt_term`) and `qam.basic_adjoint`'s definition, and that the fused AM
+gradient (`qam.fused_adjoint_matching_batch_loss`) equals the composed one.
 """
 
+import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,19 +43,36 @@ def _run(*args, timeout=120):
     )
 
 
+def _load_module():
+    # Registered in sys.modules: tyro reads the options' doc comments through `inspect`.
+    return sys.modules.setdefault("adjoint_step_bench", load_script(SCRIPT, "adjoint_step_bench"))
+
+
 def test_help_documents_options():
-    proc = _run("--help")
+    proc = _run("--help")  # the script as run from the command line
     assert proc.returncode == 0, proc.stderr
-    for option in ("--steps", "--batch", "--width", "--repeats", "--out", "--quick", "--platform"):
-        assert option in proc.stdout
+    with open(SCRIPT) as f:
+        source = f.read()
+    lines = source.splitlines()
+    (options,) = [n for n in ast.walk(ast.parse(source)) if getattr(n, "name", "") == "Options"]
+    documented = {
+        node.target.id: lines[node.lineno - 1].partition("  # ")[2].strip()
+        for node in options.body
+        if isinstance(node, ast.AnnAssign)
+    }
+    for field in dataclasses.fields(_load_module().Options):
+        assert "--" + field.name.replace("_", "-") in proc.stdout, field.name
+        assert documented[field.name], f"{field.name} has no doc comment"  # its help line
+    assert "(default: 10)" in proc.stdout  # --repeats, with its default
 
 
-def test_quick_run_writes_results(tmp_path):
+def test_quick_run_writes_results(tmp_path, capsys):
+    bench = _load_module()
     out = tmp_path / "adjoint_step_test.json"
-    proc = _run("--quick", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bench.main(["--quick", "--out", str(out)])
+    printed = capsys.readouterr().out
     for word in ("machine", "device", "jax", "equinox", "qam", "| K |"):
-        assert word in proc.stdout
+        assert word in printed
 
     data = json.loads(out.read_text())
     assert data["machine"]["versions"]["qam"] == qam.__version__
@@ -78,10 +98,6 @@ def test_quick_run_writes_results(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes
 
 
-def _load_module():
-    return load_script(SCRIPT, "adjoint_step_bench")
-
-
 # Float64 comparisons of two evaluation orders of the same losses: rounding ~1e-15 relative.
 F64_RTOL, F64_ATOL = 1e-10, 1e-12
 
@@ -100,7 +116,7 @@ def test_bptt_variants_agree(getkey, x64, num_steps):
 
     # Jitted: op-by-op, the unrolled rollouts dispatch thousands of small operations.
     value_and_grad = lambda f: eqx.filter_jit(eqx.filter_value_and_grad(f))
-    loss_a, grad_a = value_and_grad(bench.bam_loss_qam_rollout)(*args, **kwargs)
+    loss_a, grad_a = value_and_grad(bench.bam_loss_term)(*args, **kwargs)  # sde_bptt_term
     loss_b, grad_b = value_and_grad(bench.bam_loss_fused)(*args, **kwargs)
     assert loss_a.dtype == loss_b.dtype == jnp.float64
     assert jnp.allclose(loss_a, loss_b, rtol=F64_RTOL, atol=0)
@@ -109,18 +125,24 @@ def test_bptt_variants_agree(getkey, x64, num_steps):
 
     # The running-cost term is BAM's: with rho = 0 and inv_temp = 0 only sum_{i<K-1} C_i is left.
     zero = {"num_steps": num_steps, "inv_temp": 0.0, "rho": 0.0}
-    trajectory = jax.vmap(
-        lambda o, n: qam.memoryless_sde_sample(velocity, base, o, noise=n, num_steps=num_steps)
-    )(obs, noise)
-    h = 1.0 / num_steps
-    expected = 0.0
-    for i in range(num_steps - 1):
-        t = jnp.asarray(i * h)
-        sigma2 = qam.memoryless_sigma(t, h) ** 2
-        diff = jax.vmap(lambda o, x, t=t: velocity(t, x, o) - base(t, x, o))(
-            obs, trajectory.xs[:, i]
-        )
-        expected = expected + jnp.mean(2.0 * jnp.sum(diff**2, axis=-1) / sigma2)
+
+    @eqx.filter_jit  # op-by-op, the rollout dispatches thousands of small operations
+    def running_cost(velocity, base, obs, noise):
+        trajectory = jax.vmap(
+            lambda o, n: qam.memoryless_sde_sample(velocity, base, o, noise=n, num_steps=num_steps)
+        )(obs, noise)
+        h = 1.0 / num_steps
+        expected = 0.0
+        for i in range(num_steps - 1):
+            t = jnp.asarray(i * h)
+            sigma2 = qam.memoryless_sigma(t, h) ** 2
+            diff = jax.vmap(lambda o, x, t=t: velocity(t, x, o) - base(t, x, o))(
+                obs, trajectory.xs[:, i]
+            )
+            expected = expected + jnp.mean(2.0 * jnp.sum(diff**2, axis=-1) / sigma2)
+        return expected
+
+    expected = running_cost(velocity, base, obs, noise)
     running = eqx.filter_jit(bench.bam_loss_fused)(*args, **zero)
     assert jnp.allclose(running, expected, rtol=F64_RTOL, atol=0)
 
@@ -135,27 +157,32 @@ def test_am_gradient_matches_parts(getkey, x64):
     noise = jax.random.normal(getkey(), (batch, num_steps, action_dim))
     counter = {"traces": 0}
     am = bench.make_am_grad(num_steps, 1.5, counter)
-    loss, grads = am(velocity, base, critic, obs, noise)
+    loss, grads = eqx.filter_jit(am)(velocity, base, critic, obs, noise)  # op-by-op is slow
     assert counter["traces"] == 1
 
-    trajectory = jax.vmap(
-        lambda o, n: qam.memoryless_sde_sample(velocity, base, o, noise=n, num_steps=num_steps)
-    )(obs, noise)
+    @eqx.filter_jit
+    def expected(velocity, base, critic, obs, noise):
+        trajectory = jax.vmap(
+            lambda o, n: qam.memoryless_sde_sample(velocity, base, o, noise=n, num_steps=num_steps)
+        )(obs, noise)
 
-    def reward(a):
-        q = jax.vmap(critic)(obs, jnp.clip(a, -1.0, 1.0))
-        return jnp.sum(jnp.mean(q, axis=-1))
+        def reward(a):
+            q = jax.vmap(critic)(obs, jnp.clip(a, -1.0, 1.0))
+            return jnp.sum(jnp.mean(q, axis=-1))
 
-    terminal = -1.5 * jax.grad(reward)(trajectory.action)
-    adjoint = jax.vmap(qam.lean_adjoint, in_axes=(None, 0, 0, 0))(base, obs, trajectory, terminal)
+        terminal = -1.5 * jax.grad(reward)(trajectory.action)
+        lean = jax.vmap(qam.lean_adjoint, in_axes=(None, 0, 0, 0))
+        adjoint = lean(base, obs, trajectory, terminal)
 
-    def am_loss(v):
-        per = jax.vmap(qam.adjoint_matching_loss, in_axes=(None, None, 0, 0, 0))(
-            v, base, obs, trajectory, adjoint
-        )
-        return jnp.mean(per)
+        def am_loss(v):
+            per = jax.vmap(qam.adjoint_matching_loss, in_axes=(None, None, 0, 0, 0))(
+                v, base, obs, trajectory, adjoint
+            )
+            return jnp.mean(per)
 
-    expected_loss, expected_grads = eqx.filter_value_and_grad(am_loss)(velocity)
+        return eqx.filter_value_and_grad(am_loss)(velocity)
+
+    expected_loss, expected_grads = expected(velocity, base, critic, obs, noise)
     assert loss.dtype == jnp.float64
     assert jnp.allclose(loss, expected_loss, rtol=F64_RTOL, atol=0)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected_grads)):
