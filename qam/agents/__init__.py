@@ -1,5 +1,3 @@
-# TEMPORARY NOTE (removed before release): engineers working in this tree concurrently must read
-# /tmp/baseline_common.md (ownership, commit and test rules) before editing anything.
 """Agents: every method is an `Agent` record of pure functions over one `AgentState` layout,
 registered by name in `AGENTS`; the loss terms they assemble are public here too.
 

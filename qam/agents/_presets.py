@@ -1,5 +1,3 @@
-# TEMPORARY NOTE (removed before release): engineers working in this tree concurrently must read
-# /tmp/baseline_common.md (ownership, commit and test rules) before editing anything.
 """Per-domain settings of the paper's main results (docs/mathematics.md §5.2).
 
 Data, not code: `domain_of(env_name)` maps an OGBench task name to its domain, `DOMAINS` holds
