@@ -301,10 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = Trainer(run, agent_config, log=lambda *a: None, progress=progress)
     except (FileNotFoundError, ValueError) as error:
         _usage_error(_cli_wording(str(error)))
-    try:  # one run per --out: a second one is refused before it touches a file
+    try:  # a missing logging backend, or a second run on --out: refused before any file
+        qlog.require_backends(tensorboard=job.tensorboard, wandb=job.wandb)
         trainer.lock()
-    except RunDirectoryBusy as error:
+    except (ImportError, RunDirectoryBusy) as error:
         _usage_error(str(error))
+    except OSError as error:  # --out is a file, under a file, or not writable
+        _usage_error(f"cannot use --out {run.out_dir}: {error.strerror or error}.")
     # A fresh run may start over an earlier attempt's logs (only run files are there: checked).
     with qlog.Logger(run.out_dir, resume_step=resume_step, tensorboard=job.tensorboard,
                      wandb=job.wandb, config=config_record, overwrite=True) as logger:  # fmt: skip

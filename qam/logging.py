@@ -194,6 +194,15 @@ def _import_wandb() -> Any:
     return wandb
 
 
+def require_backends(*, tensorboard: bool = False, wandb: bool = False) -> None:
+    """Raise `ImportError` (naming the package and the pip command) if a requested optional
+    logging backend is not installed; for checking before a run starts."""
+    if tensorboard:
+        _import_tensorboard()
+    if wandb:
+        _import_wandb()
+
+
 # ------------------------------------------------------------------------- the logger
 def _read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
     """`(line, record)` pairs of a JSONL log; a torn last line (a crash mid-write) is dropped."""

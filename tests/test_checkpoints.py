@@ -344,3 +344,30 @@ def test_cli_refuses_a_second_run_on_the_same_out(tiny_dataset_dir, tmp_path):
                   "--no-progress", "--actor-hidden", "8", "--critic-hidden", "8"])  # fmt: skip
     assert sorted(os.listdir(tmp_path)) == before
     holder.close()
+
+
+@pytest.mark.parametrize("case", ["out-is-a-file", "out-under-a-file", "tensorboard-missing"])
+def test_cli_refuses_an_unusable_out_or_backend_in_one_line(case, tiny_dataset_dir, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    import qam.logging as qlog
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out, extra, message = {
+        "out-is-a-file": (blocker, [], "cannot use --out .*file: File exists"),
+        "out-under-a-file": (blocker / "run", [], "cannot use --out .*run: Not a directory"),
+        "tensorboard-missing": (tmp_path / "tb", ["--tensorboard"], "needs the `tensorboardX`"),
+    }[case]
+    if case == "tensorboard-missing":
+
+        def missing():
+            raise ImportError("`tensorboard=True` needs the `tensorboardX` package (or PyTorch)")
+
+        monkeypatch.setattr(qlog, "_import_tensorboard", missing)
+    cli = load_script(SCRIPT, "offline_to_online")
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--env", ENV, "--dataset-dir", tiny_dataset_dir, "--out", str(out),
+                  "--no-progress", "--actor-hidden", "8", "--critic-hidden", "8",
+                  *extra])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert blocker.read_text() == "x"
