@@ -347,6 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(130)
         except (FloatingPointError, ValueError) as error:
             sys.exit(f"error: {_cli_wording(str(error))}")
+        except OSError as error:  # e.g. a full disk while writing a checkpoint or a log
+            saved = latest_checkpoint_step(run.out_dir)
+            sys.exit(f"error: {error}. The last checkpoint is at step {saved or 0:,}; fix the "
+                     "cause and run the same command again to resume.")  # fmt: skip
         finally:
             bar.close()
             for sig, handler in previous.items():
