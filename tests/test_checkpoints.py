@@ -371,3 +371,39 @@ def test_cli_refuses_an_unusable_out_or_backend_in_one_line(case, tiny_dataset_d
                   *extra])  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
     assert blocker.read_text() == "x"
+
+
+def test_cli_full_disk_during_a_checkpoint_leaves_a_resumable_run(tiny_dataset_dir, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    import errno
+
+    import qam._io
+    import qam.train as train
+
+    real, calls = train.atomic_write_with, []
+
+    def full_disk_on_second(path, write):
+        calls.append(path)
+        if len(calls) == 2:  # the checkpoint of step 16: the disk fills up mid-write
+            qam._io.atomic_write_with(path, lambda f: (f.write(b"partial"), _raise_enospc()))
+        return real(path, write)
+
+    def _raise_enospc():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "atomic_write_with", full_disk_on_second)
+    cli = load_script(SCRIPT, "offline_to_online")
+    argv = ["--env", ENV, "--dataset-dir", tiny_dataset_dir, "--out", str(tmp_path / "run"),
+            "--no-progress", "--actor-hidden", "8", "--critic-hidden", "8", "--num-qs", "2",
+            "--offline-steps", "24", "--online-steps", "0", "--eval-interval", "8",
+            "--log-interval", "8", "--checkpoint-interval", "8", "--eval-episodes", "1",
+            "--batch-size", "8", "--max-episode-steps", "5"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"no space left on device writing .*ckpt-000000016.eqx"
+                       r".*last checkpoint is at step 8"):  # fmt: skip
+        cli.main(argv)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not [p for p in os.listdir(checkpoints) if p.endswith(".tmp")]
+    assert train.latest_checkpoint_step(str(tmp_path / "run")) == 8
+    monkeypatch.setattr(train, "atomic_write_with", real)
+    result = cli.main(argv)  # resumes from step 8 and finishes
+    assert [e["step"] for e in result["evals"]] == [8, 16, 24]
