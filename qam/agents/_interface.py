@@ -29,6 +29,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..data import SequenceBatch
+from ..nn import MLP, CriticEnsemble, VelocityNetwork
 from ._common import make_optimizer, polyak_update
 
 
@@ -82,6 +83,38 @@ class AgentConfig:
     def chunk_dim(self, action_dim: int) -> int:
         """`D`, the flat action dimension the policies and critics see."""
         return action_dim * (self.horizon if self.action_chunking else 1)
+
+    def dims(self, obs_example: Array, action_example: Array) -> tuple[int, int]:
+        """`(obs_dim, D)` for one flat observation and one flat action like the examples;
+        raises `ValueError` for anything else (a batch, an image)."""
+        if obs_example.ndim != 1 or action_example.ndim != 1:
+            raise ValueError(
+                "`init(obs_example=..., action_example=...)` must be one flat observation and "
+                f"one flat action; got shapes {tuple(obs_example.shape)} and "
+                f"{tuple(action_example.shape)}."
+            )
+        return obs_example.shape[0], self.chunk_dim(action_example.shape[0])
+
+    def make_critic(self, obs_dim: int, action_dim: int, *, key: PRNGKeyArray) -> CriticEnsemble:
+        """`num_qs` critics `Q_e(concat(s, a))` of widths `critic_hidden`."""
+        return CriticEnsemble(
+            obs_dim, action_dim, self.critic_hidden, num_critics=self.num_qs,
+            layer_norm=self.critic_layer_norm, layer_norm_eps=self.layer_norm_eps, key=key,
+        )  # fmt: skip
+
+    def make_flow(self, obs_dim: int, action_dim: int, *, key: PRNGKeyArray) -> VelocityNetwork:
+        """A velocity field `v(t, x, s)` of widths `actor_hidden`."""
+        return VelocityNetwork(
+            obs_dim, action_dim, self.actor_hidden, layer_norm=self.actor_layer_norm,
+            layer_norm_eps=self.layer_norm_eps, key=key,
+        )  # fmt: skip
+
+    def make_mlp(self, in_size: int, out_size: int, *, key: PRNGKeyArray) -> MLP:
+        """A policy MLP of widths `actor_hidden` (e.g. a one-step policy on `concat(s, z)`)."""
+        return MLP(
+            in_size, out_size, self.actor_hidden, layer_norm=self.actor_layer_norm,
+            layer_norm_eps=self.layer_norm_eps, key=key,
+        )  # fmt: skip
 
 
 class AgentState(eqx.Module):

@@ -11,14 +11,14 @@ Conventions shared by every term:
 """
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._adjoint import fused_adjoint_matching_batch_loss
-from .._flow import flow_matching_loss
+from .._flow import flow_matching_loss, ode_sample
 from .._misc import stop_gradient_tree
 from .._types import VelocityField
 from ..data import SequenceBatch
@@ -86,6 +86,39 @@ def critic_term(
     q = critic.batched(batch.observations, flat_chunk(batch.actions, chunked=chunked))
     next_value = aggregate_q(next_q, how=aggregation, rho=rho)
     return td_term(q, batch, next_value, discount=discount)
+
+
+def policy_critic_term(
+    critic: CriticEnsemble,
+    state: Any,
+    batch: SequenceBatch,
+    act: Callable[..., Float[Array, " chunk"]],
+    *,
+    key: PRNGKeyArray,
+    aggregation: Aggregation = "pessimistic",
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """`critic_term` with the next chunk from the method's own policy: `a'_b = act(state, s'_b,
+    key=k_b)`, `k = split(key, B)` (stored parameters, as `act` uses), the target critic
+    `state.targets["critic"]`, and the config's `discount`, `rho` and `action_chunking`."""
+    config = state.config
+    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
+        batch.next_observations[:, -1], jax.random.split(key, batch.observations.shape[0])
+    )
+    return critic_term(
+        critic, state.targets["critic"], batch, next_actions, discount=config.discount,
+        rho=config.rho, chunked=config.action_chunking, aggregation=aggregation,
+    )  # fmt: skip
+
+
+def ode_actions(
+    velocity: VelocityField,
+    obs: Float[Array, "batch obs"],
+    noise: Float[Array, "batch chunk"],
+    *,
+    num_steps: int,
+) -> Float[Array, "batch chunk"]:
+    """`qam.ode_sample` for a batch: row `b` is `ODE_K(v; s_b, z_b)`, clipped to `[-1, 1]`."""
+    return jax.vmap(lambda o, z: ode_sample(velocity, o, noise=z, num_steps=num_steps))(obs, noise)
 
 
 def flow_term(

@@ -44,7 +44,7 @@ from ..data import SequenceBatch
 from ..nn import CriticEnsemble, VelocityNetwork
 from ._bptt import sde_bptt_term
 from ._interface import Agent, AgentConfig, AgentState, check_batch, gradient_step, init_state
-from ._terms import best_of_n, critic_term, flow_term
+from ._terms import best_of_n, flow_term, policy_critic_term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +84,13 @@ def init(
     """A BAM agent for flat observations like `obs_example` and single actions like
     `action_example` (chunks of `config.horizon` of them). Targets: the critic and
     `actor_slow`."""
-    obs_dim, dim = obs_example.shape[0], config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     keys = jax.random.split(key, 3)
-    critic = CriticEnsemble(
-        obs_dim, dim, config.critic_hidden, num_critics=config.num_qs,
-        layer_norm=config.critic_layer_norm, layer_norm_eps=config.layer_norm_eps, key=keys[0],
-    )  # fmt: skip
-    flow = lambda k: VelocityNetwork(
-        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=k,
-    )  # fmt: skip
-    params = BAMParams(critic, flow(keys[1]), flow(keys[2]))  # actor_fast: random, not a copy
+    params = BAMParams(
+        config.make_critic(obs_dim, dim, key=keys[0]),
+        config.make_flow(obs_dim, dim, key=keys[1]),
+        config.make_flow(obs_dim, dim, key=keys[2]),  # actor_fast: random, not a copy
+    )
     return init_state(params, targets=("critic", "actor_slow"), config=config, action_dim=dim)
 
 
@@ -141,13 +137,7 @@ def _loss(params: BAMParams, state: AgentState, batch: SequenceBatch, key: PRNGK
     config: BAMConfig = state.config
     obs = batch.observations
     td_key, flow_key, sde_key = jax.random.split(key, 3)
-    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
-        batch.next_observations[:, -1], jax.random.split(td_key, obs.shape[0])
-    )
-    loss_critic, metrics = critic_term(
-        params.critic, state.targets["critic"], batch, next_actions,
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+    loss_critic, metrics = policy_critic_term(params.critic, state, batch, act, key=td_key)
     loss_flow, flow_metrics = flow_term(
         params.actor_slow, batch, key=flow_key, chunked=config.action_chunking
     )

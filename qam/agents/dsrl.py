@@ -52,7 +52,7 @@ from ..data import SequenceBatch
 from ..nn import CriticEnsemble, TanhGaussianPolicy, VelocityNetwork
 from ._interface import Agent, AgentConfig, AgentState, check_batch, gradient_step, init_state
 from ._sac import latent_critic_term, sac_actor_term
-from ._terms import best_of_n, critic_term, flow_term, target_entropy
+from ._terms import best_of_n, flow_term, ode_actions, policy_critic_term, target_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +98,14 @@ def init(
     """A DSRL agent for flat observations like `obs_example` and single actions like
     `action_example` (chunks of `config.horizon` of them). Targets: the critic and the BC
     flow."""
-    obs_dim, dim = obs_example.shape[0], config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     keys = jax.random.split(key, 4)
-    critic = lambda k: CriticEnsemble(
-        obs_dim, dim, config.critic_hidden, num_critics=config.num_qs,
-        layer_norm=config.critic_layer_norm, layer_norm_eps=config.layer_norm_eps, key=k,
-    )  # fmt: skip
-    bc_flow = VelocityNetwork(
-        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=keys[2],
-    )  # fmt: skip
     noise_policy = TanhGaussianPolicy(obs_dim, dim, config.actor_hidden, key=keys[3])
-    params = DSRLParams(critic(keys[0]), critic(keys[1]), bc_flow, noise_policy, jnp.zeros(()))
+    params = DSRLParams(
+        config.make_critic(obs_dim, dim, key=keys[0]),
+        config.make_critic(obs_dim, dim, key=keys[1]),  # the latent critic, on concat(s, z)
+        config.make_flow(obs_dim, dim, key=keys[2]), noise_policy, jnp.zeros(()),
+    )  # fmt: skip
     return init_state(params, targets=("critic", "bc_flow"), config=config, action_dim=dim)
 
 
@@ -159,18 +155,10 @@ def _loss(params: DSRLParams, state: AgentState, batch: SequenceBatch, key: PRNG
     obs = batch.observations
     batch_size = obs.shape[0]
     td_key, flow_key, latent_key, actor_key = jax.random.split(key, 4)
-    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
-        batch.next_observations[:, -1], jax.random.split(td_key, batch_size)
-    )
-    loss_critic, metrics = critic_term(
-        params.critic, state.targets["critic"], batch, next_actions,
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+    loss_critic, metrics = policy_critic_term(params.critic, state, batch, act, key=td_key)
     flow = _latent_flow(state)
     z = jax.random.normal(latent_key, (batch_size, state.action_dim), obs.dtype)
-    latent_actions = jax.vmap(
-        lambda o, z_: ode_sample(flow, o, noise=z_, num_steps=config.flow_steps)
-    )(obs, z)
+    latent_actions = ode_actions(flow, obs, z, num_steps=config.flow_steps)
     loss_latent, latent_metrics = latent_critic_term(
         params.latent_critic, stored.critic, obs, z, latent_actions
     )

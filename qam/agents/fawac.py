@@ -36,7 +36,7 @@ from ..data import SequenceBatch
 from ..nn import CriticEnsemble, VelocityNetwork
 from ._common import flat_chunk
 from ._interface import Agent, AgentConfig, AgentState, check_batch, gradient_step, init_state
-from ._terms import critic_term, flow_term
+from ._terms import flow_term, policy_critic_term
 from ._value import ValueNetwork, advantage_weights, value_regression_term
 
 
@@ -71,26 +71,13 @@ def init(
 ) -> AgentState:
     """A FAWAC agent for flat observations like `obs_example` and single actions like
     `action_example` (chunks of `config.horizon`). Target: the critic."""
-    if obs_example.ndim != 1 or action_example.ndim != 1:
-        raise ValueError(
-            "`init(obs_example=..., action_example=...)` must be one flat observation and one "
-            f"flat action; got shapes {tuple(obs_example.shape)} and {tuple(action_example.shape)}."
-        )
-    obs_dim = obs_example.shape[0]
-    dim = config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     keys = jax.random.split(key, 3)
-    ln, eps = config.critic_layer_norm, config.layer_norm_eps
     params = FAWACParams(
-        critic=CriticEnsemble(
-            obs_dim, dim, config.critic_hidden, num_critics=config.num_qs, layer_norm=ln,
-            layer_norm_eps=eps, key=keys[0],
-        ),
-        value=ValueNetwork(obs_dim, config.critic_hidden, layer_norm=ln, layer_norm_eps=eps,
-                           key=keys[1]),
-        flow=VelocityNetwork(
-            obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-            layer_norm_eps=eps, key=keys[2],
-        ),
+        critic=config.make_critic(obs_dim, dim, key=keys[0]),
+        value=ValueNetwork(obs_dim, config.critic_hidden, layer_norm=config.critic_layer_norm,
+                           layer_norm_eps=config.layer_norm_eps, key=keys[1]),
+        flow=config.make_flow(obs_dim, dim, key=keys[2]),
     )  # fmt: skip
     return init_state(params, targets=("critic",), config=config, action_dim=dim)
 
@@ -113,13 +100,7 @@ def _loss(params: FAWACParams, state: AgentState, batch: SequenceBatch, key: PRN
     actions = flat_chunk(batch.actions, chunked=config.action_chunking)
     target_key, flow_key = jax.random.split(key)
 
-    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
-        batch.next_observations[:, -1], jax.random.split(target_key, obs.shape[0])
-    )
-    loss_q, metrics = critic_term(
-        params.critic, state.targets["critic"], batch, next_actions,
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+    loss_q, metrics = policy_critic_term(params.critic, state, batch, act, key=target_key)
     target_q = state.targets["critic"].batched(obs, actions)
     loss_v, value_metrics = value_regression_term(params.value.batched(obs), target_q, batch)
     omega = advantage_weights(

@@ -36,7 +36,7 @@ from ..data import SequenceBatch
 from ..nn import CriticEnsemble, VelocityNetwork
 from ._bptt import ode_bptt_term
 from ._interface import Agent, AgentConfig, AgentState, check_batch, gradient_step, init_state
-from ._terms import best_of_n, critic_term, flow_term
+from ._terms import best_of_n, flow_term, policy_critic_term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +70,12 @@ def init(
 ) -> AgentState:
     """An FBRAC agent for flat observations like `obs_example` and single actions like
     `action_example` (chunks of `config.horizon` of them). Target: the critic."""
-    obs_dim, dim = obs_example.shape[0], config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     critic_key, actor_key = jax.random.split(key)
-    critic = CriticEnsemble(
-        obs_dim, dim, config.critic_hidden, num_critics=config.num_qs,
-        layer_norm=config.critic_layer_norm, layer_norm_eps=config.layer_norm_eps, key=critic_key,
-    )  # fmt: skip
-    actor = VelocityNetwork(
-        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=actor_key,
-    )  # fmt: skip
-    params = FBRACParams(critic, actor)
+    params = FBRACParams(
+        config.make_critic(obs_dim, dim, key=critic_key),
+        config.make_flow(obs_dim, dim, key=actor_key),
+    )
     return init_state(params, targets=("critic",), config=config, action_dim=dim)
 
 
@@ -107,13 +102,7 @@ def _loss(params: FBRACParams, state: AgentState, batch: SequenceBatch, key: PRN
     stored: FBRACParams = stop_gradient_tree(state.params)
     obs = batch.observations
     td_key, flow_key, bptt_key = jax.random.split(key, 3)
-    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
-        batch.next_observations[:, -1], jax.random.split(td_key, obs.shape[0])
-    )
-    loss_critic, metrics = critic_term(
-        params.critic, state.targets["critic"], batch, next_actions,
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+    loss_critic, metrics = policy_critic_term(params.critic, state, batch, act, key=td_key)
     loss_flow, flow_metrics = flow_term(
         params.actor, batch, key=flow_key, chunked=config.action_chunking
     )

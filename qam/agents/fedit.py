@@ -41,10 +41,11 @@ from ..nn import CriticEnsemble, TanhGaussianPolicy, VelocityNetwork
 from ._interface import Agent, AgentConfig, AgentState, check_batch, gradient_step, init_state
 from ._terms import (
     best_of_n,
-    critic_term,
     edit_actions,
     edit_policy_term,
     flow_term,
+    ode_actions,
+    policy_critic_term,
     target_entropy,
 )
 
@@ -93,18 +94,13 @@ def init(
 ) -> AgentState:
     """An FEdit agent for flat observations like `obs_example` and single actions like
     `action_example` (chunks of `config.horizon` of them). Target: the critic."""
-    obs_dim, dim = obs_example.shape[0], config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     critic_key, flow_key, edit_key = jax.random.split(key, 3)
-    critic = CriticEnsemble(
-        obs_dim, dim, config.critic_hidden, num_critics=config.num_qs,
-        layer_norm=config.critic_layer_norm, layer_norm_eps=config.layer_norm_eps, key=critic_key,
-    )  # fmt: skip
-    bc_flow = VelocityNetwork(
-        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=flow_key,
-    )  # fmt: skip
     edit = TanhGaussianPolicy(obs_dim + dim, dim, config.actor_hidden, key=edit_key)
-    params = FEditParams(critic, bc_flow, edit, jnp.zeros(()))
+    params = FEditParams(
+        config.make_critic(obs_dim, dim, key=critic_key),
+        config.make_flow(obs_dim, dim, key=flow_key), edit, jnp.zeros(()),
+    )  # fmt: skip
     return init_state(params, targets=("critic",), config=config, action_dim=dim)
 
 
@@ -145,20 +141,12 @@ def _loss(params: FEditParams, state: AgentState, batch: SequenceBatch, key: PRN
     stored: FEditParams = stop_gradient_tree(state.params)
     obs = batch.observations
     td_key, flow_key, noise_key, edit_key = jax.random.split(key, 4)
-    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
-        batch.next_observations[:, -1], jax.random.split(td_key, obs.shape[0])
-    )
-    loss_critic, metrics = critic_term(
-        params.critic, state.targets["critic"], batch, next_actions,
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+    loss_critic, metrics = policy_critic_term(params.critic, state, batch, act, key=td_key)
     loss_flow, flow_metrics = flow_term(
         params.bc_flow, batch, key=flow_key, chunked=config.action_chunking
     )
     z = jax.random.normal(noise_key, (obs.shape[0], state.action_dim), obs.dtype)
-    flow_actions = jax.vmap(
-        lambda o, z_: ode_sample(stored.bc_flow, o, noise=z_, num_steps=config.flow_steps)
-    )(obs, z)
+    flow_actions = ode_actions(stored.bc_flow, obs, z, num_steps=config.flow_steps)
     loss_edit, edit_metrics = edit_policy_term(
         params.edit, params.log_alpha, stored.critic, obs, flow_actions, key=edit_key,
         edit_scale=config.edit_scale,

@@ -37,7 +37,13 @@ from .._misc import stop_gradient_tree
 from ..data import SequenceBatch
 from ..nn import MLP, CriticEnsemble, VelocityNetwork
 from ._interface import Agent, AgentConfig, AgentState, check_batch, gradient_step, init_state
-from ._terms import best_of_n, critic_term, flow_term, one_step_distillation_term
+from ._terms import (
+    best_of_n,
+    flow_term,
+    ode_actions,
+    one_step_distillation_term,
+    policy_critic_term,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,21 +78,13 @@ def init(
 ) -> AgentState:
     """An FQL agent for flat observations like `obs_example` and single actions like
     `action_example` (chunks of `config.horizon` of them). Target: the critic."""
-    obs_dim, dim = obs_example.shape[0], config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     critic_key, actor_key, one_step_key = jax.random.split(key, 3)
-    critic = CriticEnsemble(
-        obs_dim, dim, config.critic_hidden, num_critics=config.num_qs,
-        layer_norm=config.critic_layer_norm, layer_norm_eps=config.layer_norm_eps, key=critic_key,
-    )  # fmt: skip
-    actor = VelocityNetwork(
-        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=actor_key,
-    )  # fmt: skip
-    one_step = MLP(
-        obs_dim + dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=one_step_key,
-    )  # fmt: skip
-    params = FQLParams(critic, actor, one_step)
+    params = FQLParams(
+        config.make_critic(obs_dim, dim, key=critic_key),
+        config.make_flow(obs_dim, dim, key=actor_key),
+        config.make_mlp(obs_dim + dim, dim, key=one_step_key),
+    )
     return init_state(params, targets=("critic",), config=config, action_dim=dim)
 
 
@@ -124,21 +122,13 @@ def _loss(params: FQLParams, state: AgentState, batch: SequenceBatch, key: PRNGK
     stored: FQLParams = stop_gradient_tree(state.params)
     obs = batch.observations
     td_key, flow_key, noise_key = jax.random.split(key, 3)
-    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
-        batch.next_observations[:, -1], jax.random.split(td_key, obs.shape[0])
-    )
-    loss_critic, metrics = critic_term(
-        params.critic, state.targets["critic"], batch, next_actions,
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+    loss_critic, metrics = policy_critic_term(params.critic, state, batch, act, key=td_key)
     loss_flow, flow_metrics = flow_term(
         params.actor, batch, key=flow_key, chunked=config.action_chunking
     )
     # One noise per example, shared by the teacher's ODE and the student.
     z = jax.random.normal(noise_key, (obs.shape[0], state.action_dim), obs.dtype)
-    teacher = jax.vmap(
-        lambda o, z_: ode_sample(stored.actor, o, noise=z_, num_steps=config.flow_steps)
-    )(obs, z)
+    teacher = ode_actions(stored.actor, obs, z, num_steps=config.flow_steps)
     loss_policy, policy_metrics = one_step_distillation_term(
         params.one_step, stored.critic, obs, z, teacher, alpha=config.alpha
     )

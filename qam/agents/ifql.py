@@ -69,26 +69,13 @@ def init(
 ) -> AgentState:
     """An IFQL agent for flat observations like `obs_example` and single actions like
     `action_example` (chunks of `config.horizon`). Target: the critic."""
-    if obs_example.ndim != 1 or action_example.ndim != 1:
-        raise ValueError(
-            "`init(obs_example=..., action_example=...)` must be one flat observation and one "
-            f"flat action; got shapes {tuple(obs_example.shape)} and {tuple(action_example.shape)}."
-        )
-    obs_dim = obs_example.shape[0]
-    dim = config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     keys = jax.random.split(key, 3)
-    ln, eps = config.critic_layer_norm, config.layer_norm_eps
     params = IFQLParams(
-        critic=CriticEnsemble(
-            obs_dim, dim, config.critic_hidden, num_critics=config.num_qs, layer_norm=ln,
-            layer_norm_eps=eps, key=keys[0],
-        ),
-        value=ValueNetwork(obs_dim, config.critic_hidden, layer_norm=ln, layer_norm_eps=eps,
-                           key=keys[1]),
-        flow=VelocityNetwork(
-            obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-            layer_norm_eps=eps, key=keys[2],
-        ),
+        critic=config.make_critic(obs_dim, dim, key=keys[0]),
+        value=ValueNetwork(obs_dim, config.critic_hidden, layer_norm=config.critic_layer_norm,
+                           layer_norm_eps=config.layer_norm_eps, key=keys[1]),
+        flow=config.make_flow(obs_dim, dim, key=keys[2]),
     )  # fmt: skip
     return init_state(params, targets=("critic",), config=config, action_dim=dim)
 

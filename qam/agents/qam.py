@@ -33,11 +33,12 @@ from ._interface import Agent, AgentConfig, AgentState, check_batch, gradient_st
 from ._terms import (
     adjoint_matching_term,
     best_of_n,
-    critic_term,
     edit_actions,
     edit_policy_term,
     flow_term,
+    ode_actions,
     one_step_distillation_term,
+    policy_critic_term,
     target_entropy,
 )
 
@@ -120,28 +121,13 @@ def init(
     """Create a QAM agent for flat observations like `obs_example` and single actions like
     `action_example` (the policy acts on chunks of `config.horizon` of them). Targets: the
     critic and the behaviour flow `actor_slow`."""
-    if obs_example.ndim != 1 or action_example.ndim != 1:
-        raise ValueError(
-            "`init(obs_example=..., action_example=...)` must be one flat observation and one "
-            f"flat action; got shapes {tuple(obs_example.shape)} and {tuple(action_example.shape)}."
-        )
-    obs_dim = obs_example.shape[0]
-    dim = config.chunk_dim(action_example.shape[0])
+    obs_dim, dim = config.dims(obs_example, action_example)
     keys = jax.random.split(key, 5)
-    critic = CriticEnsemble(
-        obs_dim, dim, config.critic_hidden, num_critics=config.num_qs,
-        layer_norm=config.critic_layer_norm, layer_norm_eps=config.layer_norm_eps, key=keys[0],
-    )  # fmt: skip
-    flow = lambda k: VelocityNetwork(
-        obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=k,
-    )  # fmt: skip
-    actor_slow, actor_fast = flow(keys[1]), flow(keys[2])  # actor_fast: random, not a copy
+    critic = config.make_critic(obs_dim, dim, key=keys[0])
+    actor_slow = config.make_flow(obs_dim, dim, key=keys[1])
+    actor_fast = config.make_flow(obs_dim, dim, key=keys[2])  # random, not a copy
     fql, edit = config.variant == "qam-fql", config.variant == "qam-edit"
-    one_step = MLP(
-        obs_dim + dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
-        layer_norm_eps=config.layer_norm_eps, key=keys[3],
-    ) if fql else None  # fmt: skip
+    one_step = config.make_mlp(obs_dim + dim, dim, key=keys[3]) if fql else None
     edit_policy = (
         TanhGaussianPolicy(obs_dim + dim, dim, config.actor_hidden, key=keys[4]) if edit else None
     )
@@ -218,13 +204,7 @@ def _loss(params: QAMParams, state: AgentState, batch: SequenceBatch, key: PRNGK
     keys = jax.random.split(key, 5)
 
     # Critic: chunked TD with the next chunk from the current (stored) policy.
-    next_actions = jax.vmap(lambda o, k: act(state, o, key=k))(
-        batch.next_observations[:, -1], jax.random.split(keys[0], batch_size)
-    )
-    total, metrics = critic_term(
-        params.critic, state.targets["critic"], batch, next_actions,
-        discount=config.discount, rho=config.rho, chunked=config.action_chunking,
-    )  # fmt: skip
+    total, metrics = policy_critic_term(params.critic, state, batch, act, key=keys[0])
     loss_flow, flow_metrics = flow_term(
         params.actor_slow, batch, key=keys[1], chunked=config.action_chunking
     )
@@ -242,9 +222,7 @@ def _loss(params: QAMParams, state: AgentState, batch: SequenceBatch, key: PRNGK
     if config.variant != "qam":
         z = jax.random.normal(keys[3], (batch_size, state.action_dim), obs.dtype)
         teacher = _flow_velocity(stored, config)
-        flow_actions = jax.vmap(
-            lambda o, z_: ode_sample(teacher, o, noise=z_, num_steps=config.flow_steps)
-        )(obs, z)
+        flow_actions = ode_actions(teacher, obs, z, num_steps=config.flow_steps)
         if config.variant == "qam-fql":
             assert params.one_step is not None
             loss_policy, policy_metrics = one_step_distillation_term(
