@@ -30,6 +30,7 @@ import tqdm
 import tyro
 
 from qam import data as qd
+from qam.agents import METHOD_PRESETS
 from qam.logging import atomic_write_text
 from qam.train import (
     AGENTS,
@@ -52,11 +53,13 @@ DESCRIPTION = (
     "--agent NAME makes that method's hyperparameters flags; --preset sets every default."
 )
 
-# The CPU demo's agent settings, each applied where the agent's config has the field; the
-# paper's are `--preset paper`, i.e. `AGENTS[name].paper_config(env)`.
-SMALL = dict(
-    actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10, inv_temp=1.0,
-)  # fmt: skip
+# The CPU demo's agent settings: small networks (each applied where the agent's config has the
+# field), and each method's tuned values for the paper's nearest domain, cube-double. The QAM
+# family takes that domain's inv_temp (1.0) but keeps its variant (the paper's QAM-EDIT and
+# QAM-FQL runs on cube-double are plain QAM). The paper's are `--preset paper`, i.e.
+# `AGENTS[name].paper_config(env)`.
+SMALL = dict(actor_hidden=(256, 256), critic_hidden=(256, 256), num_qs=4, flow_steps=10)
+DEMO_DOMAIN = "cube-double-play"
 # The paper preset's run; `Job`'s defaults are the small preset's.
 PAPER_RUN = dict(
     offline_steps=1_000_000, online_steps=500_000, eval_episodes=50, eval_interval=50_000,
@@ -167,7 +170,12 @@ def preset_defaults(agent_name: str, preset: str, env: str) -> tuple[Job, Any]:
     if preset == "paper":
         return dataclasses.replace(Job(), preset="paper", **PAPER_RUN), agent.paper_config(env)
     fields = {f.name for f in dataclasses.fields(agent.config_class)}
-    return Job(), agent.config(**{k: v for k, v in SMALL.items() if k in fields})
+    small = {k: v for k, v in SMALL.items() if k in fields}
+    if "variant" in fields:  # the QAM family
+        small["inv_temp"] = METHOD_PRESETS["qam"][DEMO_DOMAIN]["inv_temp"]
+    else:
+        small.update(METHOD_PRESETS.get(agent_name, {}).get(DEMO_DOMAIN, {}))
+    return Job(), agent.config(**small)
 
 
 def _init_fields(cls: type) -> set[str]:

@@ -170,10 +170,7 @@ def test_help_lists_the_run_and_the_agents_fields_with_the_small_presets_default
         assert f"(default: {default})" in entries[flag], (flag, entries[flag])
         assert entries[flag].index("(default:") > 0, f"{flag} has no doc line"
     config = cli.AGENTS[agent].config_class
-    small = {
-        k: v for k, v in cli.SMALL.items() if k in {f.name for f in dataclasses.fields(config)}
-    }
-    expected = cli.AGENTS[agent].config(**small)
+    _, expected = cli.preset_defaults(agent, "small", cli.DEFAULT_ENV)
     assert set(entries) == set(RUN_FLAGS) | {
         "--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
     }
@@ -188,6 +185,11 @@ def test_help_lists_the_run_and_the_agents_fields_with_the_small_presets_default
         assert "(default: 0.1)" in entries["--edit-scale"]
         assert "(default: 1.0)" in entries["--inv-temp"]
         assert "(default: 10)" in entries["--flow-steps"]
+    else:  # a baseline: its tuned value for cube-double, where the method has one
+        tuned = cli.METHOD_PRESETS.get(agent, {}).get(cli.DEMO_DOMAIN, {})
+        for name, value in tuned.items():
+            assert getattr(expected, name) == value
+            assert f"(default: {_shown(value)})" in entries["--" + name.replace("_", "-")]
 
 
 def test_help_shows_the_paper_presets_values(capsys, monkeypatch):
