@@ -342,7 +342,7 @@ def _summary_text(r: Mapping[str, Any], n_seeds: int) -> str:
     total = r["offline_steps"] + r["online_steps"]
     paper_name = r["paper_method"]
     lines = [
-        f"QAM run summary — {r['task']}",
+        f"Run summary — {r['task']}",
         f"  agent      {r['method']}" + (f" (paper: {paper_name})" if paper_name else ""),
         f"  seeds      {' '.join(str(s) for s in r['seeds'])} ({n_seeds})",
         f"  steps      {r['offline_steps']:,} offline + {r['online_steps']:,} online = {total:,}",
