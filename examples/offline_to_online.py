@@ -31,6 +31,7 @@ import tyro
 
 from qam import data as qd
 from qam.agents import METHOD_PRESETS
+from qam.data.generate import choice_flag
 from qam.logging import atomic_write_text
 from qam.train import (
     AGENTS,
@@ -86,15 +87,6 @@ def demo_dataset_dir(cache: str | None = None) -> str:
     return os.path.join(DEFAULT_CACHE if cache is None else cache, name)
 
 
-def _choice(values: tuple[str, ...]) -> Any:
-    """A string flag that takes one of `values` (anything else is tyro's usage error)."""
-    return tyro.constructors.PrimitiveConstructorSpec(
-        nargs=1, metavar="{" + ",".join(values) + "}", instance_from_str=lambda args: args[0],
-        is_instance=lambda x: isinstance(x, str), str_from_instance=lambda x: [x],
-        choices=values,
-    )  # fmt: skip
-
-
 @dataclasses.dataclass(frozen=True)
 class Job:
     """The run. The defaults shown are the preset's: `small` (the CPU demo) unless `--preset
@@ -102,7 +94,7 @@ class Job:
     demo dataset, generated once into ~/.cache/qam/datasets."""
 
     env: str = DEFAULT_ENV  # OGBench single-task name
-    agent: Annotated[str, _choice(tuple(AGENTS))] = DEFAULT_AGENT  # the method to train
+    agent: Annotated[str, choice_flag(tuple(AGENTS))] = DEFAULT_AGENT  # the method to train
     # paper: the paper's values for the env's domain (4x512 nets, 1M+500K steps); small: a CPU run
     preset: Literal["small", "paper"] = "small"
     # where <dataset>.npz lives; None: $QAM_DATASET_DIR, $OGBENCH_DATASET_DIR or ~/.ogbench/data

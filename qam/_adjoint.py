@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._misc import check_velocity, stop_gradient_tree
-from ._sde import SDETrajectory, _prepare_rollout, memoryless_sigma, memoryless_step
+from ._sde import (
+    SDETrajectory,
+    _prepare_rollout,
+    _resolve_batch_noise,
+    memoryless_sigma,
+    memoryless_step,
+)
 from ._types import Obs, Scalar, VelocityField
 
 
@@ -296,22 +302,8 @@ def fused_adjoint_matching_batch_loss(
             "`fused_adjoint_matching_batch_loss(obs=...)` must be a batch of flat observations "
             f"of shape (B, obs); got shape {tuple(obs.shape)}."
         )
-    batch = obs.shape[0]
     name = "fused_adjoint_matching_batch_loss"
-    if noise is None:
-        if key is None:
-            raise ValueError(f"`{name}` needs either `key=` or `noise=`; got neither.")
-        per_example = lambda o, k: _prepare_rollout(  # noqa: E731
-            name, k, None, action_dim, num_steps, base_velocity
-        )[0]
-        noise = jax.vmap(per_example)(obs, jax.random.split(key, batch))
-    elif key is not None:
-        raise ValueError(f"`{name}` takes `key=` or `noise=`, not both.")
-    elif noise.ndim != 3 or noise.shape[:2] != (batch, num_steps):
-        raise ValueError(
-            f"`{name}(noise=...)` must have shape (B, num_steps, D) = ({batch}, {num_steps}, D); "
-            f"got {tuple(noise.shape)}."
-        )
+    noise = _resolve_batch_noise(name, key, noise, obs.shape[0], action_dim, num_steps)
     _, h, ts, base = _prepare_rollout(name, None, noise[0], action_dim, num_steps, base_velocity)
     for arg, field in (("velocity", velocity), ("base_velocity", base)):
         check_velocity(name, arg, field, obs[0], noise.shape[2], noise.dtype)
@@ -321,8 +313,8 @@ def fused_adjoint_matching_batch_loss(
     terminal = jax.lax.stop_gradient(terminal_adjoint_fn(trajectories.action))
     if terminal.shape != trajectories.action.shape:
         raise ValueError(
-            f"`{name}(terminal_adjoint_fn=...)` must map the ({batch}, D) actions to adjoints of "
-            f"the same shape; got {tuple(terminal.shape)}."
+            f"`{name}(terminal_adjoint_fn=...)` must map the ({obs.shape[0]}, D) actions to "
+            f"adjoints of the same shape; got {tuple(terminal.shape)}."
         )
     losses = jax.vmap(_fused_loss, in_axes=(None, 0, 0, 0, 0))(
         base, obs, trajectories, controls, terminal

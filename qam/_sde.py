@@ -22,6 +22,8 @@ there are `K - 1 = 0` noisy steps: the rollout is the single deterministic base 
 `X_1 = X_0 + v_B(0, X_0)`, and the fine-tuned velocity enters only the loss and deployment.
 """
 
+from typing import Any
+
 import diffrax
 import equinox as eqx
 import jax
@@ -115,6 +117,39 @@ def _resolve_noise(
         raise ValueError(
             f"`{name}(..., noise=...)` has action dimension {noise.shape[1]} but "
             f"`action_dim={action_dim}`."
+        )
+    return noise
+
+
+def _resolve_batch_noise(
+    name: str,
+    key: PRNGKeyArray | None,
+    noise: Array | None,
+    batch: int,
+    action_dim: int | None,
+    num_steps: int,
+    dtype: Any = None,
+) -> Array:
+    """The `(B, K, D)` noise of `B` rollouts: `noise` checked, or row block `b` drawn as
+    `jax.random.normal(k_b, (K, D))` with `k_b` the `B` splits of `key` (each example's noise
+    exactly as a single rollout on key `k_b` draws it; `dtype` None: the default float)."""
+    check_num_steps(name, num_steps)
+    if noise is None:
+        if key is None:
+            raise ValueError(f"`{name}` needs either `key=` or `noise=`; got neither.")
+        if not isinstance(action_dim, int) or isinstance(action_dim, bool) or action_dim < 1:
+            raise ValueError(
+                f"`{name}(..., key=...)` needs `action_dim=` (the flat action size D), a positive "
+                f"int, to draw the noise; got action_dim={action_dim!r}."
+            )
+        shape, dtype = (num_steps, action_dim), float if dtype is None else dtype
+        return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(jax.random.split(key, batch))
+    if key is not None:
+        raise ValueError(f"`{name}` takes `key=` or `noise=`, not both.")
+    if noise.ndim != 3 or noise.shape[:2] != (batch, num_steps):
+        raise ValueError(
+            f"`{name}(noise=...)` must have shape (B, num_steps, D) = ({batch}, {num_steps}, D); "
+            f"got {tuple(noise.shape)}."
         )
     return noise
 

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._flow import ode_sample
 from .._misc import stop_gradient_tree
-from .._sde import memoryless_sde_sample, memoryless_sigma
+from .._sde import _resolve_batch_noise, memoryless_sde_sample, memoryless_sigma
 from .._types import VelocityField
 from ..nn import CriticEnsemble
 from ._terms import aggregate_q
@@ -119,19 +119,9 @@ def sde_bptt_term(
     "bam_running_cost": running_cost_scale * mean_b sum_i C_i})`.
     """
     name = "sde_bptt_term"
-    batch = obs.shape[0]
-    if noise is None:
-        if key is None or action_dim is None:
-            raise ValueError(f"`{name}` needs `noise=`, or `key=` with `action_dim=`.")
-        keys = jax.random.split(key, batch)
-        noise = jax.vmap(lambda k: jax.random.normal(k, (num_steps, action_dim), obs.dtype))(keys)
-    elif key is not None:
-        raise ValueError(f"`{name}` takes exactly one of `key=` or `noise=`; got both.")
-    elif noise.ndim != 3 or noise.shape[:2] != (batch, num_steps):
-        raise ValueError(
-            f"`{name}(noise=...)` must have shape (B, num_steps, D) = ({batch}, {num_steps}, D); "
-            f"got {tuple(noise.shape)}."
-        )
+    noise = _resolve_batch_noise(
+        name, key, noise, obs.shape[0], action_dim, num_steps, dtype=obs.dtype
+    )
     base = stop_gradient_tree(base_velocity)
     trajectories = jax.vmap(
         lambda o, n: memoryless_sde_sample(

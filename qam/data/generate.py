@@ -30,8 +30,10 @@ DESCRIPTION = (
 )
 
 
-def _choice(values: tuple[str, ...]) -> Any:
-    """A string flag that takes one of `values` (anything else is tyro's usage error)."""
+def choice_flag(values: tuple[str, ...]) -> Any:
+    """A tyro constructor for a string flag that takes one of `values` (anything else is tyro's
+    usage error); annotate a field `Annotated[str, choice_flag(values)]`. Also used by the
+    example's command line."""
     return tyro.constructors.PrimitiveConstructorSpec(
         nargs=1, metavar="{" + ",".join(values) + "}", instance_from_str=lambda args: args[0],
         is_instance=lambda x: isinstance(x, str), str_from_instance=lambda x: [x],
@@ -43,9 +45,9 @@ def _choice(values: tuple[str, ...]) -> Any:
 class Options:
     """What to generate; the defaults are `qam.data.generate_dataset`'s."""
 
-    env: Annotated[str, _choice(GENERATABLE_ENVS)]  # the goal-conditioned environment
+    env: Annotated[str, choice_flag(GENERATABLE_ENVS)]  # the goal-conditioned environment
     # play: plan oracle with smoothed noise; noisy: Markov oracle with noise and random actions
-    dataset_type: Annotated[str, _choice(DATASET_TYPES)]
+    dataset_type: Annotated[str, choice_flag(DATASET_TYPES)]
     episodes: int  # training episodes (OGBench: 1000 for single/double/scene/3x3/4x4)
     dir: Annotated[str, tyro.conf.arg(metavar="DIR")]  # output directory
     seed: int = _DEFAULTS["seed"]  # random seed
