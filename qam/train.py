@@ -647,12 +647,21 @@ class _HashingWriter:
         return self._sha.hexdigest()
 
 
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, remembered by (path, size, mtime): a resume checks the same
+    checkpoint up to three times (the CLI, `Trainer.__init__`, `load_checkpoint`)."""
+    stat = os.stat(path)
+    ident = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if ident not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _SHA256_CACHE[ident] = digest.hexdigest()
+    return _SHA256_CACHE[ident]
 
 
 def _intact(directory: str, record: dict[str, Any]) -> str | None:
