@@ -1,5 +1,5 @@
-"""The data layer: OGBench files without the network, local generation, on-device chunked
-sampling and a functional replay buffer. Independent of the rest of `qam`."""
+"""The data layer: OGBench files without the network, local generation, dense cube rewards,
+on-device chunked sampling and a functional replay buffer. Independent of the rest of `qam`."""
 
 from ._buffer import (
     Transition as Transition,
@@ -14,6 +14,26 @@ from ._dataset import (
     ReplayBuffer as ReplayBuffer,
     concatenate_datasets as concatenate_datasets,
     dataset_from_numpy as dataset_from_numpy,
+)
+from ._dense import (
+    DENSE_REWARD_VERSIONS as DENSE_REWARD_VERSIONS,
+    CubeState as CubeState,
+    DenseRewardConfig as DenseRewardConfig,
+    chunk_shaping as chunk_shaping,
+    cube_state_from_observations as cube_state_from_observations,
+    dense_reward as dense_reward,
+    dense_reward_v1 as dense_reward_v1,
+    dense_reward_v2 as dense_reward_v2,
+    dense_reward_v3 as dense_reward_v3,
+    dense_reward_v4 as dense_reward_v4,
+    dense_reward_v5 as dense_reward_v5,
+    dense_reward_v6 as dense_reward_v6,
+    dense_reward_v7 as dense_reward_v7,
+    dense_reward_v8 as dense_reward_v8,
+    dense_reward_v9 as dense_reward_v9,
+    relabel_dense as relabel_dense,
+    task_goals as task_goals,
+    wrap_dense_reward as wrap_dense_reward,
 )
 from ._generate import (
     GENERATABLE_ENVS as GENERATABLE_ENVS,

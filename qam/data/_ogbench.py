@@ -15,6 +15,14 @@ import numpy as np
 
 from ._compat import CAST_WARNING, import_ogbench, make_gym_env
 from ._dataset import Dataset, dataset_from_numpy
+from ._dense import (
+    OGBENCH_CUBE_SUCCESS_THRESHOLD,
+    DenseRewardConfig,
+    check_dense_reward_version,
+    relabel_dense,
+    task_goals,
+    wrap_dense_reward,
+)
 
 
 DEFAULT_DATASET_DIR = "~/.ogbench/data"
@@ -40,6 +48,18 @@ LOCOMOTION_DOMAINS: dict[str, tuple[str, ...]] = {
     },
     **{f"antsoccer-{s}": ("navigate", "stitch") for s in ("arena", "medium")},
 }
+
+
+class _Dense(NamedTuple):
+    """A resolved dense-reward setting: the version (`None`: the task's own reward with a
+    non-default threshold) and the full config."""
+
+    version: str | None
+    config: DenseRewardConfig
+
+
+def _is_cube_task(parsed: Any) -> bool:
+    return parsed.domain.startswith("cube-")  # state-based cube-* (not visual-cube-*)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -344,10 +364,16 @@ def _relabel(
     *,
     sparse: bool,
     action_clip_eps: float | None,
+    dense: _Dense | None = None,
 ) -> dict[str, np.ndarray]:
     from ogbench.relabel_utils import relabel_dataset
 
-    relabel_dataset(parsed.env_id, env, data)
+    relabel_dataset(parsed.env_id, env, data)  # also resets `env`, which sets the task's goals
+    if dense is not None:
+        data["rewards"], data["masks"] = relabel_dense(
+            data["observations"], data["next_observations"], data["terminals"],
+            goals=task_goals(env), version=dense.version, config=dense.config,
+        )  # fmt: skip
     if sparse:
         data["rewards"] = np.where(data["rewards"] != 0.0, -1.0, 0.0).astype(np.float32)
     if action_clip_eps is not None:
@@ -356,11 +382,22 @@ def _relabel(
     return data
 
 
-def reward_definition(env_name: str, *, sparse: bool) -> str:
+def reward_definition(env_name: str, *, sparse: bool, dense: _Dense | None = None) -> str:
     """A one-line description of the single-task reward and mask, for run metadata."""
     parsed = parse_env_name(env_name)
     bare = parsed.domain.removeprefix("visual-")
-    if parsed.is_manipulation:
+    if dense is not None:
+        tau = dense.config.cube_success_threshold
+        what = (
+            f"dense cube reward {dense.version} (qam.data.dense_reward_{dense.version})"
+            if dense.version is not None
+            else "OGBench's single-task cube reward r = #cubes at goal - #cubes"
+        )
+        base = (
+            f"{what} of the transition s -> s', read from the float32 observations; success "
+            f"and mask = 1 - success(s) with cube_success_threshold = {tau} m"
+        )
+    elif parsed.is_manipulation:
         base = (
             "OGBench single-task relabelling of the pre-step state: r = #satisfied subtasks - "
             "#subtasks (<= 0), mask = 1 - all subtasks satisfied"
@@ -394,7 +431,12 @@ class DatasetInfo:
       files written by `qam.data.generate`);
     - `num_train`, `num_val`: transitions in the training and validation files (`num_val` is
       counted from the file when it is not loaded, and is 0 when there is no such file);
-    - `shard_index`, `num_shards`: for sharded (100M) datasets, else `None`.
+    - `shard_index`, `num_shards`: for sharded (100M) datasets, else `None`;
+    - `dense_reward_version`: the dense cube reward (`v1`-`v9`), or `None` for the task's own;
+    - `cube_success_threshold`: the cube success threshold in metres (OGBench's 0.04 unless
+      set; cube tasks only, else `None`);
+    - `dense_reward_config`: every constant of the dense reward (see
+      [`qam.data.DenseRewardConfig`][]) when the reward was relabelled with one, else `None`.
     """
 
     env_name: str
@@ -413,6 +455,9 @@ class DatasetInfo:
     num_val: int
     shard_index: int | None = None
     num_shards: int | None = None
+    dense_reward_version: str | None = None
+    cube_success_threshold: float | None = None
+    dense_reward_config: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -431,20 +476,89 @@ class OGBenchData(NamedTuple):
     info: DatasetInfo
 
 
-def make_env(env_name: str, **env_kwargs: Any) -> Any:
+def _resolve_dense(
+    env_name: str,
+    version: str | None,
+    cube_success_threshold: float | None,
+    config: DenseRewardConfig | None,
+) -> _Dense | None:
+    """Check the dense-reward options; `None` when the task's own reward is unchanged (no
+    version and OGBench's threshold)."""
+    check_dense_reward_version(version)
+    if config is not None and not isinstance(config, DenseRewardConfig):
+        raise ValueError(
+            f"dense_reward_config: expected None or a qam.data.DenseRewardConfig, got "
+            f"{type(config).__name__}."
+        )
+    config = DenseRewardConfig() if config is None else config
+    if cube_success_threshold is not None:
+        t = cube_success_threshold
+        if isinstance(t, bool) or not isinstance(t, int | float) or not np.isfinite(t) or t <= 0:
+            raise ValueError(
+                f"cube_success_threshold: expected None or a finite number of metres > 0, "
+                f"got {cube_success_threshold!r}."
+            )
+        config = dataclasses.replace(config, cube_success_threshold=float(t))
+    changed = config.cube_success_threshold != OGBENCH_CUBE_SUCCESS_THRESHOLD
+    if version is None and not changed:
+        return None
+    parsed = parse_env_name(env_name)
+    if not _is_cube_task(parsed):
+        argument = (
+            f"dense_reward_version={version!r}"
+            if version is not None
+            else f"cube_success_threshold={config.cube_success_threshold!r}"
+        )
+        raise ValueError(
+            f"{argument}: dense rewards and the cube success threshold apply to OGBench's "
+            f"state-based cube tasks (cube-single/double/triple/quadruple/octuple), not "
+            f"{env_name!r}."
+        )
+    return _Dense(version, config)
+
+
+def make_env(
+    env_name: str,
+    *,
+    dense_reward_version: str | None = None,
+    cube_success_threshold: float | None = None,
+    dense_reward_config: DenseRewardConfig | None = None,
+    chunk_length: int | None = None,
+    **env_kwargs: Any,
+) -> Any:
     """The OGBench single-task gymnasium environment for `env_name` (no dataset, no network).
 
     E.g. `make_env("cube-double-play-singletask-task2-v0")` makes
     `cube-double-singletask-task2-v0`, the environment OGBench pairs with that dataset.
+
+    For a cube task, `dense_reward_version` (`"v1"`-`"v9"`) or a `cube_success_threshold`
+    (metres; OGBench's 0.04 by default) other than OGBench's wrap it with
+    [`qam.data.wrap_dense_reward`][]: reward, termination and `info["success"]` become the
+    dense reward's with that threshold, computed by the same functions that relabel the
+    dataset in [`qam.data.load_ogbench`][]. `dense_reward_config` sets the reward's
+    constants (its `cube_success_threshold` is replaced by the argument when given);
+    `chunk_length` is the length of the executed action chunks, for v8's
+    `info["chunk_shaping"]`. Other keyword arguments go to `gymnasium.make`.
+
+    **Raises:** `ValueError` naming the argument for an unknown version, a bad threshold, or
+    a dense reward or threshold on a task that is not a state-based cube task.
     """
     import gymnasium
 
     import_ogbench()  # registers the environments
 
     parsed = parse_env_name(env_name)
+    dense = _resolve_dense(
+        env_name, dense_reward_version, cube_success_threshold, dense_reward_config
+    )
     if parsed.env_id not in gymnasium.registry:
         raise _unknown(env_name, f"ogbench {ogbench_version()} does not register {parsed.env_id}")
-    return make_gym_env(parsed.env_id, **env_kwargs)
+    env = make_gym_env(parsed.env_id, **env_kwargs)
+    if dense is None:
+        return env
+    return wrap_dense_reward(
+        env, version=dense.version, config=dense.config, chunk_length=chunk_length
+    )
 
 
 def _resolve_transforms(
@@ -469,6 +583,9 @@ def load_ogbench(
     action_clip_eps: float | None | str = "default",
     load_val: bool = True,
     make_env: bool = True,
+    dense_reward_version: str | None = None,
+    cube_success_threshold: float | None = None,
+    dense_reward_config: DenseRewardConfig | None = None,
 ) -> OGBenchData:
     """Load an OGBench single-task dataset from local files; never downloads.
 
@@ -490,6 +607,16 @@ def load_ogbench(
       `None` to disable.
     - `load_val`: also load the `-val.npz` split.
     - `make_env`: also return the single-task environment (needed for relabelling anyway).
+    - `dense_reward_version`: `None` (the task's own reward) or `"v1"`-`"v9"`, the dense
+      cube rewards of [`qam.data.DenseRewardConfig`][]'s module (cube tasks only): rewards
+      `r(s_i, s'_i)` and masks `1 − success(s_i)` are recomputed from the observations with
+      the functions the returned environment (wrapped by [`qam.data.wrap_dense_reward`][])
+      uses online, so offline and online rewards agree exactly. Not combined with `sparse`.
+    - `cube_success_threshold`: metres (cube tasks only); `None` keeps the config's,
+      OGBench's 0.04 by default. Another value relabels rewards and masks with that
+      threshold (OGBench's own reward when `dense_reward_version` is `None`) and sets the
+      environment's success check to it.
+    - `dense_reward_config`: the dense reward's constants; `None` for the defaults.
 
     **Returns:**
 
@@ -502,8 +629,20 @@ def load_ogbench(
       directory searched and the ways out (place the official files, or generate them
       locally for manipulation domains; locomotion needs the official files).
     - [`qam.data.DatasetFileError`][] for a corrupt or truncated file, naming it.
+    - `ValueError` naming the argument for an unknown `dense_reward_version`, a bad
+      `cube_success_threshold`, either on a task that is not a state-based cube task, or a
+      dense reward together with `sparse=True`.
     """
     parsed = parse_env_name(env_name)
+    dense = _resolve_dense(
+        env_name, dense_reward_version, cube_success_threshold, dense_reward_config
+    )
+    if dense is not None and dense.version is not None and sparse:
+        raise ValueError(
+            f"sparse: the sparse transform r <- -1[r != 0] applies to the task's own reward; "
+            f"with dense_reward_version={dense.version!r} pass sparse=None or False, got "
+            f"{sparse!r}."
+        )
     sparse, action_clip_eps = _resolve_transforms(env_name, sparse, action_clip_eps)
     directory, source = resolve_dataset_dir(dataset_dir)
     paths = [os.path.join(directory, f"{parsed.dataset_name}.npz")]
@@ -513,12 +652,14 @@ def load_ogbench(
         if not os.path.isfile(path):
             raise _not_found(path, parsed, directory, source)
 
-    env = _make_env_for(env_name) if make_env else _relabel_env(env_name)
+    env = _make_env_for(env_name, dense) if make_env else _relabel_env(env_name)
     datasets = []
     for path in paths:
         raw = _load_file(path, parsed)
         _check_matches_env(raw, env, path, env_name)
-        raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps)
+        raw = _relabel(
+            raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps, dense=dense
+        )
         datasets.append(dataset_from_numpy(raw, name=os.path.basename(path)))
         del raw
     train = datasets[0]
@@ -527,6 +668,7 @@ def load_ogbench(
         env_name, parsed, sparse, action_clip_eps, directory, source, paths,
         num_train=train.size,
         num_val=_count_transitions(directory, parsed) if val is None else val.size,
+        dense=dense,
     )  # fmt: skip
     return OGBenchData(env=env if make_env else None, train=train, val=val, info=info)
 
@@ -545,8 +687,17 @@ def _count_transitions(directory: str, parsed: OGBenchName) -> int:
 
 
 def _dataset_info(
-    env_name, parsed, sparse, action_clip_eps, directory, source, paths, **counts
+    env_name, parsed, sparse, action_clip_eps, directory, source, paths, dense=None, **counts
 ) -> DatasetInfo:
+    if _is_cube_task(parsed):
+        threshold = (
+            OGBENCH_CUBE_SUCCESS_THRESHOLD if dense is None else dense.config.cube_success_threshold
+        )
+        counts.update(cube_success_threshold=threshold)
+    if dense is not None:
+        counts.update(
+            dense_reward_version=dense.version, dense_reward_config=dense.config.to_dict()
+        )
     return DatasetInfo(
         env_name=env_name,
         env_id=parsed.env_id,
@@ -554,7 +705,7 @@ def _dataset_info(
         dataset_type=parsed.dataset_type,
         task_id=parsed.task_id,
         ogbench_version=ogbench_version(),
-        reward=reward_definition(env_name, sparse=sparse),
+        reward=reward_definition(env_name, sparse=sparse, dense=dense),
         sparse=sparse,
         action_clip_eps=action_clip_eps,
         dataset_dir=directory,
@@ -564,8 +715,10 @@ def _dataset_info(
     )
 
 
-def _make_env_for(env_name: str) -> Any:
-    return make_env(env_name)
+def _make_env_for(env_name: str, dense: _Dense | None = None) -> Any:
+    if dense is None:
+        return make_env(env_name)
+    return make_env(env_name, dense_reward_version=dense.version, dense_reward_config=dense.config)
 
 
 _RELABEL_ENVS: dict[str, Any] = {}
