@@ -63,7 +63,7 @@ def guided_ode_sample(
     *,
     noise: Float[Array, " action"],
     num_steps: int,
-    guidance_coef: float,
+    guidance_coef: float | Float[Array, ""],
     inv_temp: float,
     critic_time: CriticTime = "one",
     clip: bool = True,
@@ -100,7 +100,8 @@ def guided_ode_sample(
       (`stop_gradient_tree`): only the gradient with respect to `x` is used.
     - `noise`: `x_0`, shape `(D,)`.
     - `num_steps`: `K >= 1`.
-    - `guidance_coef`: `theta`; `inv_temp`: `lambda` (`>= 0`; 0 turns guidance off).
+    - `guidance_coef`: `theta` (may be a traced scalar); `inv_temp`: `lambda`, a Python
+      float `>= 0` (0 turns guidance off).
     - `critic_time`: `"one"` evaluates the clean-action critic `Q(s, x_i, 1)` on the noisy
       state (CGQL "simple"); `"flow"` the noisy critic `Q(s, x_i, t_i)` (CGQL-MSE, -Linex).
     - `clip`: clip the result to `[-1, 1]`.
@@ -147,7 +148,7 @@ def guided_ode_actions(
     noise: Float[Array, "batch action"],
     *,
     num_steps: int,
-    guidance_coef: float,
+    guidance_coef: float | Float[Array, ""],
     inv_temp: float,
     critic_time: CriticTime = "one",
     clip: bool = True,
