@@ -56,7 +56,8 @@ def test_actor_head_is_variance_scaled_and_the_trunk_activates_its_last_layer(ge
     # Head: uniform on +-sqrt(3 scale / ((fan_in + fan_out) / 2)), 0.01057 for 512 -> 25 at the
     # reference's 0.01; variance limit^2 / 3 (the sample variance of 12800 draws has a relative
     # sd of 0.9 / sqrt(12800) = 0.8%); zero bias. Trunk layers Xavier uniform.
-    policy = qam.nn.DeterministicTanhPolicy(3, 25, (8, 512), key=getkey())
+    make = eqx.filter_jit(qam.nn.DeterministicTanhPolicy)
+    policy = make(3, 25, (8, 512), key=getkey())
     weight, limit = np.asarray(policy.head.weight), np.sqrt(3 * 0.01 / ((512 + 25) / 2))
     np.testing.assert_allclose(limit, 0.01057, atol=5e-6)
     assert weight.shape == (25, 512)
@@ -71,11 +72,11 @@ def test_actor_head_is_variance_scaled_and_the_trunk_activates_its_last_layer(ge
 
     # mu(x) = tanh(W gelu(W2 gelu(W1 x)) + b) by hand, the activation after the last hidden
     # layer included; with a large head scale the pre-activations pass +-1 and tanh bounds them.
-    policy = qam.nn.DeterministicTanhPolicy(3, 4, (8, 16), head_scale=10.0, key=getkey())
+    policy = make(3, 4, (8, 16), head_scale=10.0, key=getkey())
     x = 3.0 * np.random.default_rng(0).standard_normal((32, 3))
     (w1, b1), (w2, b2) = [(np.asarray(m.weight), np.asarray(m.bias)) for m in policy.trunk.layers]
     pre = _gelu(_gelu(x @ w1.T + b1) @ w2.T + b2) @ np.asarray(policy.head.weight).T
-    out = np.asarray(jax.vmap(policy)(jnp.asarray(x)))
+    out = np.asarray(eqx.filter_jit(lambda p, x: jax.vmap(p)(x))(policy, jnp.asarray(x)))
     np.testing.assert_allclose(out, np.tanh(pre), rtol=1e-10, atol=1e-12)
     assert np.abs(pre).max() > 2.0 and np.all(np.abs(out) < 1.0)
     # Without the final activation the output would differ: the check has teeth.
@@ -120,20 +121,23 @@ def case():
     with jax.enable_x64(True):
         init = eqx.filter_jit(lambda k: AGENT.init(k, jnp.zeros(OBS), jnp.zeros(A), CONFIG))
         state, other = init(jax.random.PRNGKey(0)), init(jax.random.PRNGKey(1))
-        state = eqx.tree_at(lambda s: s.targets, state,
-                            {"critic": other.params.critic, "actor": other.params.actor})  # fmt: skip
+        targets = {"critic": other.params.critic, "actor": other.params.actor}
+        state = eqx.tree_at(lambda s: s.targets, state, targets)
         batch, key = _batch(2), jax.random.PRNGKey(3)
         dynamic, static = eqx.partition(state.params, eqx.is_inexact_array)
         act_obs = 3.0 * jax.random.normal(jax.random.PRNGKey(5), (6, OBS))
         act_keys = jax.random.split(jax.random.PRNGKey(6), 6)
 
-        def metrics_fn(d):
+        def metrics_fn(d, batch=batch):
             metrics = rebrac._loss(eqx.combine(d, static), state, batch, key)[1]
             return {m: metrics[m] for m in ROUTES}, metrics
+
+        ended = batch._replace(valid=jnp.zeros_like(batch.valid))  # every chunk crosses an end
 
         @jax.jit
         def run(d):
             jacobian, metrics = jax.jacrev(metrics_fn, has_aux=True)(d)
+            ended_jacobian = jax.jacrev(lambda d: metrics_fn(d, ended)[0])(d)
             params, targets, obs = state.params, state.targets, batch.observations
             next_obs = batch.next_observations[:, -1]
             # The documented keys: split(key, B), one N(0, I_D) draw per example.
@@ -164,6 +168,7 @@ def case():
                 grad_mean_q=jax.grad(mean_pessimistic_q)(params.actor),
                 grad_ratio=jax.grad(ratio)(params.actor), act_xi=act_xi, acted=acted,
                 quiet_acted=quiet_acted, act_mu=jax.vmap(params.actor)(act_obs),
+                ended_jacobian=ended_jacobian,
             )  # fmt: skip
 
         out = jax.tree.map(np.asarray, run(dynamic))
@@ -213,8 +218,8 @@ def test_actor_loss_by_hand(case):
     assert squared[0] > 0.1 and w[0] == 0.0  # example 0 is left out by its weight, not by 0
     np.testing.assert_allclose(metrics["actor_loss"], -np.mean(scale * q) + c.alpha_actor * bc,
                                rtol=F64_RTOL)  # fmt: skip
-    np.testing.assert_allclose(metrics["total_loss"],
-                               metrics["critic_loss"] + metrics["actor_loss"], rtol=F64_RTOL)  # fmt: skip
+    total = metrics["critic_loss"] + metrics["actor_loss"]
+    np.testing.assert_allclose(metrics["total_loss"], total, rtol=F64_RTOL)
     # 1 / mean|q| is held: the Q term's gradient is scale * d(-mean q), not that of the ratio.
     grad_q = case["jacobian"]["actor_q_loss"].actor
     _allclose(grad_q, jax.tree.map(lambda g: -scale * g, case["grad_mean_q"]))
@@ -230,6 +235,15 @@ def test_each_loss_term_moves_only_its_networks(case):
             if any(np.any(g != 0) for g in _leaves(getattr(grads, field.name)))
         }  # fmt: skip
         assert moved == expected, (metric, moved)
+
+
+def test_a_batch_of_ended_chunks_trains_only_the_q_term(case):
+    # w = 0 everywhere: the TD and BC terms (valid-weighted) give exactly zero gradient; the
+    # actor's Q term (not weighted) still moves the actor.
+    grads = case["ended_jacobian"]
+    for metric in ("critic_loss", "bc_loss"):
+        assert all(np.all(g == 0) for g in _leaves(grads[metric])), metric
+    assert any(np.abs(g).max() > 1e-6 for g in _leaves(grads["actor_q_loss"].actor))
 
 
 def test_act_by_hand(case):
@@ -259,7 +273,8 @@ def test_targets_move_every_second_update_and_the_actor_per_the_switch(delay_act
     # or, with the paper's stated actor delay, at 2 and 4 only, its Adam moments held too.
     config = AGENT.config(actor_hidden=(8,), critic_hidden=(8,), num_qs=2, horizon=H,
                           alpha_actor=0.5, delay_actor=delay_actor)  # fmt: skip
-    state = AGENT.init(jax.random.PRNGKey(0), jnp.zeros(OBS), jnp.zeros(A), config)
+    init = eqx.filter_jit(lambda k: AGENT.init(k, jnp.zeros(OBS), jnp.zeros(A), config))
+    state = init(jax.random.PRNGKey(0))
     update = eqx.filter_jit(lambda s, b, k: AGENT.update(s, b, key=k))
     batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _batch(7))
     moved = {"critic": [], "actor": [], "targets": [], "moments": []}
@@ -271,9 +286,10 @@ def test_targets_move_every_second_update_and_the_actor_per_the_switch(delay_act
         moved["moments"].append(_changed(_moments(state.opt_state), _moments(new.opt_state)))
         if k % 2 == 0:
             for name in ("critic", "actor"):
-                expected = jax.tree.map(lambda o, t: config.tau * o + (1 - config.tau) * t,
-                                        getattr(state.params, name), state.targets[name])  # fmt: skip
-                _allclose(new.targets[name], expected, rtol=1e-6, atol=1e-7)
+                pairs = zip(_leaves(getattr(state.params, name)), _leaves(state.targets[name]))
+                expected = [config.tau * np.asarray(o) + (1 - config.tau) * np.asarray(t)
+                            for o, t in pairs]  # fmt: skip
+                _allclose(_leaves(new.targets[name]), expected, rtol=1e-6, atol=1e-7)
         state = new
     assert int(state.step) == 4
     assert moved["critic"] == [True] * 4
@@ -369,7 +385,13 @@ def test_paper_config_per_domain():
     c = AGENT.paper_config("puzzle-3x3-play-singletask-task4-v0")
     assert (c.alpha_actor, c.actor_noise) == (0.1, 0.0)
     c = AGENT.paper_config("humanoidmaze-large-navigate-singletask-task1-v0")
-    assert (c.alpha_actor, c.actor_noise, c.horizon, c.discount, c.rho) == (0.01, 0.1, 1, 0.995, 0.0)
+    assert (c.alpha_actor, c.actor_noise, c.horizon, c.discount, c.rho) == (
+        0.01,
+        0.1,
+        1,
+        0.995,
+        0.0,
+    )
     c = AGENT.paper_config("scene-play-singletask-task2-v0", delay_actor=True)
     assert (c.alpha_actor, c.actor_noise, c.delay_actor) == (0.03, 0.0, True)
     assert set(qam.agents.METHOD_PRESETS["rebrac"]) == set(qam.agents.DOMAINS)

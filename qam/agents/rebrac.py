@@ -17,8 +17,10 @@ total = L_Q + L_actor, one plain Adam step over both modules
 The Q term is not valid-weighted, the BC term is (and sums over all `D` chunk coordinates);
 `lambda` makes the Q term invariant to the critic's scale. Targets: `theta' <- tau theta_pre +
 (1 - tau) theta'` for the critic and the actor only on updates `k % actor_freq == 0` (`k = 1, 2,
-...` the update count). Acting, online and at evaluation alike: `clip(mu(s) + clip(sigma xi, -c,
-c), -1, 1)` (deterministic when `sigma = 0`). No behaviour-cloning policy (`bc_act` is `None`).
+...` the update count; the reference's online loop takes one flag per environment step for all
+its `utd_ratio` updates, the same at the paper's ratio of 1). Acting, online and at evaluation:
+`clip(mu(s) + clip(sigma xi, -c, c), -1, 1)` (deterministic when `sigma = 0`). There is no
+behaviour-cloning policy (`bc_act` is `None`).
 
 Where this differs from the paper's text (the defaults are what the authors' code ran):
 
