@@ -198,6 +198,20 @@ def test_td_term_hand_computed(getkey, x64):
     np.testing.assert_allclose(metrics["target_mean"], (y0 + y1) / 2, rtol=F64_RTOL)
 
 
+def test_pessimistic_aggregate_and_its_gradient_where_the_members_agree(x64):
+    q = jnp.array([[1.0, 3.0, 2.0], [0.5, 0.5, 0.5]])
+    got = aggregate_q(q, how="pessimistic", rho=0.5)
+    np.testing.assert_allclose(got, [2.0 - 0.5 * np.sqrt(2.0 / 3.0), 0.5], rtol=1e-15)
+    # d std / d q_e = (q_e - mean) / (E std): finite where the members differ; 0 where they
+    # agree exactly (jnp.std's gradient is NaN there), and one critic is just the mean.
+    grad = jax.grad(lambda q: aggregate_q(q, how="pessimistic", rho=0.5).sum())(q)
+    std = np.sqrt(2.0 / 3.0)
+    expected_row0 = 1 / 3 - 0.5 * (np.array([1.0, 3.0, 2.0]) - 2.0) / (3 * std)
+    np.testing.assert_allclose(grad, [expected_row0, [1 / 3] * 3], rtol=1e-14)
+    one = jax.grad(lambda q: aggregate_q(q, how="pessimistic", rho=0.5).sum())(q[:, :1])
+    np.testing.assert_array_equal(one, np.ones((2, 1)))
+
+
 def test_edit_entropy_terms_hand_computed(getkey, x64):
     # Float64: entropy - H_target may cancel, which float32 would leave with few digits.
     config = VARIANTS["qam-edit"]

@@ -33,9 +33,18 @@ def aggregate_q(
     q: Float[Array, "*batch ensemble"], *, how: Aggregation, rho: float = 0.0
 ) -> Float[Array, "*batch"]:
     """Reduce the ensemble axis (last): `pessimistic` = `mean_e q - rho * std_e q` (population
-    std, ddof 0), `mean`, or `min`."""
+    std, ddof 0), `mean`, or `min`.
+
+    The std's gradient is taken as 0 where the members agree exactly (always with one critic),
+    where `sqrt` has none: `jnp.std` would give NaN there, even times `rho = 0`."""
     if how == "pessimistic":
-        return jnp.mean(q, axis=-1) - rho * jnp.std(q, axis=-1)
+        mean = jnp.mean(q, axis=-1)
+        if (isinstance(rho, (int, float)) and rho == 0) or q.shape[-1] == 1:
+            return mean
+        var = jnp.var(q, axis=-1)
+        positive = var > 0
+        std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+        return mean - rho * std
     if how == "mean":
         return jnp.mean(q, axis=-1)
     if how == "min":
