@@ -479,8 +479,8 @@ class OGBenchData(NamedTuple):
 def _resolve_dense(
     env_name: str,
     version: str | None,
-    cube_success_threshold: float | None,
-    config: DenseRewardConfig | None,
+    cube_success_threshold: Any,
+    config: Any,
 ) -> _Dense | None:
     """Check the dense-reward options; `None` when the task's own reward is unchanged (no
     version and OGBench's threshold)."""
