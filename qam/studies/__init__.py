@@ -32,6 +32,17 @@ from ._resolve import (
     load_main_job as load_main_job,
     resolve as resolve,
 )
+from ._results import (
+    Cell as Cell,
+    SeedCurve as SeedCurve,
+    collect as collect,
+    paper_curve as paper_curve,
+    paper_point as paper_point,
+    rliable_estimates as rliable_estimates,
+    stratified_bootstrap as stratified_bootstrap,
+    table as table,
+    write_report as write_report,
+)
 from ._study import (
     MAIN_DOMAINS as MAIN_DOMAINS,
     MAIN_TASKS as MAIN_TASKS,

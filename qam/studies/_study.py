@@ -194,7 +194,8 @@ class Study:
 
 
 def _sensitivity_variants() -> tuple[Variant, ...]:
-    out = [Variant(f"QAM-E ({f:g}x tau)", {"inv_temp": Times(f)}) for f in (0.1, 0.3, 3, 10)]
+    out = [Variant(f"QAM-E ({f:g}x tau)", {"inv_temp": Times(float(f))})
+           for f in (0.1, 0.3, 3, 10)]
     out += [Variant(f"QAM-E (T={t})", {"flow_steps": t}) for t in (1, 3, 20, 30)]
     out += [Variant("QAM-E (K=2)", {"num_qs": 2}), Variant("QAM-E-NOCLIP", {"clip_grad": False})]
     return tuple(out)
