@@ -138,7 +138,9 @@ def init(
         obs_dim, dim, config.actor_hidden, layer_norm=config.actor_layer_norm,
         layer_norm_eps=config.layer_norm_eps, key=actor_key,
     )  # fmt: skip
-    log_alpha = jnp.full((), math.log(config.init_temp))
+    # A strong (not weakly typed) scalar, so the first update's state has the same types as
+    # every later one (a weak type would compile the update twice).
+    log_alpha = jnp.full((), math.log(config.init_temp), jnp.result_type(float))
     params = RLPDParams(config.make_critic(obs_dim, dim, key=critic_key), actor, log_alpha)
     return init_state(params, targets=("critic",), config=config, action_dim=dim)
 
