@@ -6,6 +6,7 @@ errors for bad options."""
 import dataclasses
 import math
 import os
+import types
 import warnings
 
 import jax
@@ -43,7 +44,7 @@ def _ref_parts(state, goals, init, cfg):
     held = [holding and x <= cfg.grasp_radius for x in de]
     reached = [x <= cfg.reach_radius for x in de]
     at = [x <= tau for x in d]
-    return dict(n=n, d=d, q=q, rho=rho, held=held, reached=reached, at=at)
+    return types.SimpleNamespace(n=n, d=d, q=q, rho=rho, held=held, reached=reached, at=at)
 
 
 def _ref_staged(complete, score):
@@ -56,10 +57,10 @@ def _ref_staged(complete, score):
 
 def _ref_potential(kind, state, goals, init, cfg):
     p = _ref_parts(state, goals, init, cfg)
-    q, rho, held, reached, at = p["q"], p["rho"], p["held"], p["reached"], p["at"]
-    idx = range(p["n"])
+    q, rho, held, reached, at = p.q, p.rho, p.held, p.reached, p.at
+    idx = range(p.n)
     if kind == 2:
-        return sum(q) / p["n"]
+        return sum(q) / p.n
     if kind == 3:
         return _ref_staged(at, [(1 + q[i]) / 2 if reached[i] else rho[i] / 2 for i in idx])
     if kind == 6:
@@ -72,14 +73,14 @@ def _ref_potential(kind, state, goals, init, cfg):
 
 def _ref_reward(version, prev, cur, goals, init, cfg):
     p = _ref_parts(prev, goals, init, cfg)
-    n, at = p["n"], p["at"]
+    n, at = p.n, p.at
     base = sum(at) - n
     bonus = cfg.success_bonus if all(at) else 0.0
     if all(at):
         stage = 0.0
     else:
         a = at.index(False)
-        sub = 2 if p["held"][a] else 1 if p["reached"][a] else 0
+        sub = 2 if p.held[a] else 1 if p.reached[a] else 0
         stage = cfg.stage_penalties[sub] * (n - sum(at))
 
     def shaping(kind):
@@ -91,10 +92,8 @@ def _ref_reward(version, prev, cur, goals, init, cfg):
         c = _ref_parts(cur, goals, init, cfg)
         total = 0.0
         for i in range(n):
-            if p["held"][i] and not c["held"][i]:
-                total += (
-                    cfg.release_bonus if c["d"][i] <= cfg.release_radius else -cfg.release_penalty
-                )
+            if p.held[i] and not c.held[i]:
+                total += cfg.release_bonus if c.d[i] <= cfg.release_radius else -cfg.release_penalty
         return total
 
     return {
@@ -267,7 +266,7 @@ def _replay(base, raw, version, cfg=CFG, chunk_length=None, steps=REPLAY):
     inner = env.unwrapped
     inner._data.qpos[:] = raw["qpos"][0]
     inner._data.qvel[:] = raw["qvel"][0]
-    mujoco.mj_forward(inner._model, inner._data)
+    mujoco.mj_forward(inner._model, inner._data)  # pyright: ignore[reportAttributeAccessIssue]
     obs = inner.compute_observation()
     env.begin_episode(obs)
     observations, rewards, terminated, infos = [obs], [], [], []
@@ -317,7 +316,7 @@ def test_observation_layout_matches_the_simulator(generated):
 
 def test_offline_relabel_equals_online_reward_step_for_step(generated, tmp_path):
     directory, raw, base = generated
-    runs = {v: _replay(base, raw, v) for v in qd.DENSE_REWARD_VERSIONS}
+    runs: dict[str | None, tuple] = {v: _replay(base, raw, v) for v in qd.DENSE_REWARD_VERSIONS}
     observations = runs["v1"][0]
     # The replay follows the file (up to the first step's controller warm start) and every
     # version saw the same episode: the wrapper changes rewards, not dynamics.
@@ -326,8 +325,8 @@ def test_offline_relabel_equals_online_reward_step_for_step(generated, tmp_path)
     for obs, *_ in runs.values():
         np.testing.assert_array_equal(obs, observations)
     states = qd.cube_state_from_observations(observations)
-    held = qd._dense.grasped(states, CFG).any(-1)
-    assert held.any() and not held[-1]  # a grasp, then a release, within the replay
+    held = np.any(np.asarray(qd._dense.grasped(states, CFG)), axis=-1).tolist()
+    assert any(held) and not held[-1]  # a grasp, then a release, within the replay
     # No version: OGBench's reward with a threshold that the episode meets half the time.
     far = qd._dense.cube_distances(states, qd.task_goals(base)).max(-1)
     tau = float(np.median(far[:-1]))

@@ -54,8 +54,9 @@ default), 0 once every cube is at its goal.
 environments (`success_timing='pre'`), the level terms, the success bonus and the episode's
 end are those of the state the action is taken in, `s`: the transition out of a success
 state is the terminal one (the environment terminates there and the dataset's mask is 0), it
-is paid `success_bonus` once, and every other level term is ≤ 0, so finishing the task never
-pays less than lingering. With `base(s) = #cubes at goal − n` (OGBench's own reward),
+is paid `success_bonus` once, and every level term is ≤ 0 and 0 only at success, so lingering
+short of the goal never pays (the potential terms telescope: their sum is bounded by `λ`).
+With `base(s) = #cubes at goal − n` (OGBench's own reward),
 `B = success_bonus · 1[success(s)]`, `λ = shaping_lambda`, `γ = shaping_gamma`:
 
 | version | `r(s, s')` |
@@ -77,14 +78,16 @@ with `release(s, s') = Σ_i 1[grasped_i(s) ∧ ¬grasped_i(s')] · (release_bonu
 executed open-loop from `s_t` (chunks start at every reset, so at `t = 0, k, 2k, …`), and the
 shaping of that chunk is `F = λ (γ^k P(s_{t+k}) − P(s_t))`. The per-step potential term above
 *is* that shaping spread over the chunk: with `γ` the critic's discount,
-`Σ_{i<k} γ^i λ (γ P(s_{t+i+1}) − P(s_{t+i})) = λ (γ^k P(s_{t+k}) − P(s_t))` exactly, for every
-window. So the replay buffer and the offline dataset store the same per-step rewards, the
-sequence sampler (whose chunk return is `Σ_i γ^i r_{j+i}`) gives every sampled chunk its
-telescoped shaping without any change, and a chunk cut short by the episode's end after
-`m < k` steps gets `λ (γ^m P(s_end) − P(s_t))`, the same as the sampler's chunks that stop at
+`Σ_{i<k} γ^i λ (γ P(s_{t+i+1}) − P(s_{t+i})) = λ (γ^k P(s_{t+k}) − P(s_t))` (exactly, up to
+rounding) for every window. So the replay buffer and the offline dataset store the same
+per-step rewards, the sequence sampler (whose chunk return is `Σ_i γ^i r_{j+i}`) gives every
+sampled chunk its telescoped shaping without any change, and a chunk cut short by the
+episode's end after `m < k` steps gets `λ (γ^m P(s_end) − P(s_t))`, the same as the sampler's
+chunks that stop at
 an episode boundary. The environment of [`qam.data.wrap_dense_reward`][] reports `F` of each
 executed chunk in `info["chunk_shaping"]` at the chunk's last step. The trainer sets `γ` to the
-agent's discount. At the terminal transition the potential of `s'` still enters (`P(s') ≈ 1`):
+agent's discount for every version, so per step v8's potential term is v7's; what v8 adds is
+the release event. At the terminal transition the potential of `s'` still enters (`P(s') ≈ 1`):
 the shaping adds `λ γ^{T+1} P(s_{T+1})` to a successful episode's discounted return, a small
 extra reward for finishing sooner.
 """
