@@ -15,12 +15,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="report.py", description=(__doc__ or "").split("\n\n")[0],
                                 allow_abbrev=False)  # fmt: skip
     p.add_argument("dir", metavar="DIR", help="a sweep's --out directory")
     p.add_argument("--out", metavar="DIR", help="where the files go (default: DIR/report)")
-    p.add_argument("--reps", type=int, default=2000, metavar="N",
-                   help="bootstrap resamples per interval (rliable's default is 50000)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="bootstrap resamples per interval (rliable's default is 50000)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
     args = p.parse_args(argv)

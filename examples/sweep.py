@@ -47,7 +47,7 @@ def _seeds_per_program(text: str) -> str | int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sweep.py", description=__doc__.split("\n\n")[0],
+        prog="sweep.py", description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )  # fmt: skip
     p.add_argument("study", metavar="STUDY", help="main, quality, sensitivity, rlpd or a grid file")
@@ -57,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the "
                    "study's, 10001 20002 ... 120012)")  # fmt: skip
     p.add_argument("--launcher", choices=("local", "ray", "slurm"), default="local")
-    p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[],
-                   metavar="KEY=VALUE", help="override a run or agent setting in every run")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run or agent setting in every run",
+    )
     p.add_argument("--dataset-dir", metavar="DIR", help="where the <dataset>.npz files are")
     p.add_argument("--out", metavar="DIR", help="the sweep's directory (default: "
                    "runs/sweeps/<study>)")  # fmt: skip
@@ -67,27 +74,52 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N", help="seeds trained together in one (vmapped) program; auto: "
                    "all of a task's seeds when each program has a GPU, else 1")  # fmt: skip
     g = p.add_argument_group("local launcher")
-    g.add_argument("--workers", type=int, metavar="N", help="programs at once (default: one "
-                   "per GPU, each seeing only its own; without GPUs half the CPU cores)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="programs at once (default: one "
+        "per GPU, each seeing only its own; without GPUs half the CPU cores)",
+    )
     g = p.add_argument_group("ray launcher")
     g.add_argument("--ray-address", metavar="ADDR", default=os.environ.get("RAY_ADDRESS"),
                    help="cluster to join (auto, ray://host:10001; default $RAY_ADDRESS, or "
                    "a local cluster)")  # fmt: skip
     g.add_argument("--cpus-per-run", type=float, default=1.0, metavar="N")
-    g.add_argument("--gpus-per-run", type=float, default=None, metavar="N",
-                   help="GPUs per program (default 1 on a cluster with GPUs, else 0)")
-    g.add_argument("--max-retries", type=int, default=3, metavar="N",
-                   help="retries of a program whose worker died or that crashed")
+    g.add_argument(
+        "--gpus-per-run",
+        type=float,
+        default=None,
+        metavar="N",
+        help="GPUs per program (default 1 on a cluster with GPUs, else 0)",
+    )
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retries of a program whose worker died or that crashed",
+    )
     g = p.add_argument_group("slurm launcher (submitit)")
     g.add_argument("--slurm-partition", metavar="NAME")
     g.add_argument("--slurm-account", metavar="NAME")
     g.add_argument("--slurm-gpus", type=int, default=1, metavar="N", help="GPUs per program")
     g.add_argument("--slurm-cpus", type=int, default=8, metavar="N", help="CPUs per program")
     g.add_argument("--slurm-mem", type=float, default=64, metavar="GB", help="memory per program")
-    g.add_argument("--slurm-time", type=int, default=240, metavar="MIN",
-                   help="time limit per job (a program that runs out is requeued and resumes)")
-    g.add_argument("--slurm-parallelism", type=int, default=256, metavar="N",
-                   help="array tasks running at once")
+    g.add_argument(
+        "--slurm-time",
+        type=int,
+        default=240,
+        metavar="MIN",
+        help="time limit per job (a program that runs out is requeued and resumes)",
+    )
+    g.add_argument(
+        "--slurm-parallelism",
+        type=int,
+        default=256,
+        metavar="N",
+        help="array tasks running at once",
+    )
     g.add_argument("--slurm-wait", action="store_true", help="wait for the array to finish")
     p.add_argument("--script", default=MAIN_SCRIPT, help=argparse.SUPPRESS)
     return p
@@ -131,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         _error(str(error))
     todo = sum(len(p.spec.seeds) for p in programs)
-    header = (f"{study.name}: {counts['runs']} runs in {out}, {counts['finished']} finished, "
-              f"{todo} to run in {len(programs)} program{'s' if len(programs) != 1 else ''}")
+    header = (
+        f"{study.name}: {counts['runs']} runs in {out}, {counts['finished']} finished, "
+        f"{todo} to run in {len(programs)} program{'s' if len(programs) != 1 else ''}"
+    )
     if counts["duplicates"]:
         header += f" ({counts['duplicates']} duplicate configurations merged)"
     print(header, flush=True)

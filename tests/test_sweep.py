@@ -124,21 +124,32 @@ def _spec(method="qam-edit", task="puzzle-4x4-play-singletask-task3-v0", study="
 def test_resolution_applies_the_paper_settings_of_the_domain(main_job):
     r = studies.resolve(_spec(), main=main_job)
     preset = METHOD_PRESETS["qam-edit"]["puzzle-4x4-play"]
-    assert (r.agent["inv_temp"], r.agent["edit_scale"]) == (preset["inv_temp"], preset["edit_scale"])
+    assert (r.agent["inv_temp"], r.agent["edit_scale"]) == (
+        preset["inv_temp"],
+        preset["edit_scale"],
+    )
     assert (r.agent["horizon"], r.agent["discount"], r.agent["rho"]) == (5, 0.99, 0.5)
     assert r.agent["actor_hidden"] == (512,) * 4 and r.agent["num_qs"] == 10
-    assert (r.job["offline_steps"], r.job["online_steps"], r.job["sparse"]) == (1_000_000, 500_000, "yes")
+    assert (r.job["offline_steps"], r.job["online_steps"], r.job["sparse"]) == (
+        1_000_000,
+        500_000,
+        "yes",
+    )
     # The quality study: the noisy dataset of a domain takes the play dataset's settings.
     q = studies.resolve(_spec("fql", "cube-double-noisy-singletask-task1-v0", "quality"),
                         main=main_job)  # fmt: skip
     assert q.job["env"] == "cube-double-noisy-singletask-task1-v0" and q.job["sparse"] == "no"
     assert q.agent["alpha"] == METHOD_PRESETS["fql"]["cube-double-play"]["alpha"]
-    hm = studies.resolve(_spec("fql", "humanoidmaze-medium-stitch-singletask-task2-v0"), main=main_job)
+    hm = studies.resolve(
+        _spec("fql", "humanoidmaze-medium-stitch-singletask-task2-v0"), main=main_job
+    )
     assert (hm.agent["horizon"], hm.agent["discount"], hm.agent["rho"]) == (1, 0.995, 0.0)
     # The sensitivity study: relative and absolute changes of QAM-E's domain setting.
     cold = studies.resolve(_spec("qam-edit", "cube-triple-play-singletask-task2-v0",
                                  inv_temp=studies.Times(0.1)), main=main_job)  # fmt: skip
-    assert cold.agent["inv_temp"] == METHOD_PRESETS["qam-edit"]["cube-triple-play"]["inv_temp"] * 0.1
+    assert (
+        cold.agent["inv_temp"] == METHOD_PRESETS["qam-edit"]["cube-triple-play"]["inv_temp"] * 0.1
+    )
     # An override applies where the setting exists; elsewhere it is ignored and not "applied".
     fql = studies.resolve(_spec("fql", TASK1, inv_temp=3.0, offline_steps=10), main=main_job)
     assert fql.applied == {"offline_steps"} and fql.job["offline_steps"] == 10
@@ -150,8 +161,11 @@ def test_resolution_applies_the_paper_settings_of_the_domain(main_job):
 
 def test_command_line_parses_back_to_the_resolved_configuration(main_job):
     """The main job's own parser reads the generated command line as the resolved config."""
-    for spec in (_spec(), _spec("fql", TASK1, actor_hidden=(8, 8), buffer_size=1000),
-                 _spec("qam-edit", TASK2, clip_grad=False, inv_temp=studies.Times(3.0))):
+    for spec in (
+        _spec(),
+        _spec("fql", TASK1, actor_hidden=(8, 8), buffer_size=1000),
+        _spec("qam-edit", TASK2, clip_grad=False, inv_temp=studies.Times(3.0)),
+    ):
         r = studies.resolve(spec, main=main_job)
         job, hyper = main_job.parse_args(r.argv(out="/x/run", dataset_dir="/data"))
         _, config = main_job.build_configs(job, hyper)
@@ -258,7 +272,7 @@ def test_dry_run_and_bad_input(sweep_cli, capsys, tmp_path):
         assert len(err) == 1 and match in err[0], err
 
 
-# --- sweeps of tiny runs ---------------------------------------------------------------------------
+# --- sweeps of tiny runs ---------------------------------------------------------------------
 
 
 def _sweep_env(tmp_path):
@@ -288,8 +302,10 @@ def test_local_sweep_killed_mid_sweep_resumes_and_a_finished_sweep_starts_nothin
            "--seeds", "1", "2", "--seeds-per-program", "2", "--workers", "1", "--out", str(out),
            "--dataset-dir", tiny_dataset_dir, "--set", *TINY_SET]  # fmt: skip
     env = _sweep_env(tmp_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # fmt: skip
+    first_log = tmp_path / "first-sweep.log"
+    with open(first_log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
     runs = lambda: sorted(p for p in out.glob("fql/*/*") if p.is_dir())  # noqa: E731
     finished = lambda: [p for p in runs() if (p / "summary.json").exists()]  # noqa: E731
 
@@ -300,7 +316,7 @@ def test_local_sweep_killed_mid_sweep_resumes_and_a_finished_sweep_starts_nothin
         )
 
     try:
-        assert _wait_for(second_checkpointed, 400, proc), proc.communicate()[0]
+        assert _wait_for(second_checkpointed, 400, proc), first_log.read_text()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running program, at once
         proc.wait()
@@ -317,13 +333,18 @@ def test_local_sweep_killed_mid_sweep_resumes_and_a_finished_sweep_starts_nothin
     assert (done_first / "summary.json").stat().st_mtime_ns == stamp  # untouched
     log = pathlib.Path(str(interrupted) + ".log").read_text()
     assert f"Resuming from step {saved}" in log
-    evals = [json.loads(line)["step"] for line in (interrupted / "eval.jsonl").read_text().splitlines()]
+    evals = [
+        json.loads(line)["step"] for line in (interrupted / "eval.jsonl").read_text().splitlines()
+    ]
     assert sorted(set(evals)) == [8, 16, 24]  # nothing lost, nothing twice
     summary = json.loads((interrupted / "summary.json").read_text())
     assert summary["final"]["step"] == 24 and len(summary["final"]["per_seed"]) == 2
     # The process ran exactly the resolved configuration.
     record = json.loads(pathlib.Path(str(interrupted) + ".json").read_text())
-    assert json.loads((interrupted / "config.json").read_text())["agent"] == record["identity"]["agent"]
+    assert (
+        json.loads((interrupted / "config.json").read_text())["agent"]
+        == record["identity"]["agent"]
+    )
     # A rerun of the finished sweep starts nothing.
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "Nothing to run" in again.stdout
@@ -359,8 +380,10 @@ def test_ray_sweep_survives_a_killed_worker(tiny_dataset_dir, tmp_path, main_job
     thread = threading.Thread(target=kill_worker)
     thread.start()
     try:
-        outcome = studies.run_ray(programs, script=str(studies.DEFAULT_SCRIPT), max_retries=2,
-                                  init_kwargs=dict(num_cpus=2, include_dashboard=False))  # fmt: skip
+        outcome = studies.run_ray(
+            programs, script=str(studies.DEFAULT_SCRIPT), max_retries=2,
+            init_kwargs=dict(num_cpus=2, include_dashboard=False),
+        )  # fmt: skip
     finally:
         thread.join()
         ray.shutdown()

@@ -224,8 +224,10 @@ def local_gpus() -> list[str]:
 
 
 def _progress_line(done: int, total: int, program: Program, outcome: str, started: float) -> str:
-    return (f"[{done}/{total}] {outcome:<8} {program.spec.name} {program.spec.task} seeds "
-            f"{','.join(map(str, program.spec.seeds))}  ({time.time() - started:.0f}s)")
+    return (
+        f"[{done}/{total}] {outcome:<8} {program.spec.name} {program.spec.task} seeds "
+        f"{','.join(map(str, program.spec.seeds))}  ({time.time() - started:.0f}s)"
+    )
 
 
 def run_local(

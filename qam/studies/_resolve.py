@@ -50,7 +50,7 @@ def load_main_job(script: str | None = None) -> ModuleType:
     return _load(os.path.abspath(script or DEFAULT_SCRIPT))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str) -> ModuleType:
     if not os.path.isfile(path):
         raise ValueError(
@@ -118,8 +118,19 @@ class Resolved:
 
     def argv(self, *, out: str, dataset_dir: str | None) -> list[str]:
         """The main job's command line computing exactly this configuration."""
-        args = ["--env", self.job["env"], "--agent", self.job["agent"], "--preset", "small",
-                "--seeds", *(str(s) for s in self.job["seeds"]), "--out", out, "--no-progress"]
+        args = [
+            "--env",
+            self.job["env"],
+            "--agent",
+            self.job["agent"],
+            "--preset",
+            "small",
+            "--seeds",
+            *(str(s) for s in self.job["seeds"]),
+            "--out",
+            out,
+            "--no-progress",
+        ]
         if dataset_dir is not None:
             args += ["--dataset-dir", dataset_dir]
         skip = {"env", "agent", "seeds", "out", "dataset_dir", "preset", "progress"}

@@ -115,17 +115,25 @@ def rliable_estimates(
     scores: np.ndarray, *, reps: int, seed: int = 0
 ) -> dict[str, tuple[float, float, float]]:
     """`mean` and `iqm` of a `(seeds, tasks)` score matrix, each `(value, low, high)` with
-    rliable's 95% stratified-bootstrap percentile interval (`reps` resamples)."""
+    rliable's 95% stratified-bootstrap percentile interval (`reps` resamples, NumPy's global
+    generator seeded with `seed` for them and restored after)."""
     rly, metrics = _rliable()
 
     def func(x: np.ndarray) -> np.ndarray:
         return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
 
-    with warnings.catch_warnings():  # arch deprecates the RandomState rliable passes it
-        warnings.simplefilter("ignore", FutureWarning)
-        point, interval = rly.get_interval_estimates(
-            {"x": scores}, func, reps=reps, random_state=np.random.RandomState(seed)
-        )
+    # rliable (1.2) draws its resamples from NumPy's global generator whatever `random_state`
+    # says: seed that for reproducible intervals, and put its state back afterwards.
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        with warnings.catch_warnings():  # arch deprecates the RandomState rliable passes it
+            warnings.simplefilter("ignore", FutureWarning)
+            point, interval = rly.get_interval_estimates(
+                {"x": scores}, func, reps=reps, random_state=np.random.RandomState(seed)
+            )
+    finally:
+        np.random.set_state(state)
     p, ci = point["x"], interval["x"]
     return {"mean": (float(p[0]), float(ci[0, 0]), float(ci[1, 0])),
             "iqm": (float(p[1]), float(ci[0, 1]), float(ci[1, 1]))}  # fmt: skip
@@ -149,9 +157,9 @@ def stratified_bootstrap(
 
 # ------------------------------------------------------------------------- the paper
 @functools.lru_cache(maxsize=1)
-def _sensitivity_table() -> dict[tuple[str, str], dict[str, np.ndarray]]:
+def _sensitivity_table() -> dict[tuple[str, str], dict[str, Any]]:
     out: dict[tuple[str, str], list[tuple[int, float, float, float]]] = {}
-    root = importlib.resources.files(__package__)
+    root = importlib.resources.files(__name__.rpartition(".")[0])
     with root.joinpath("paper_sensitivity_curves.csv.gz").open("rb") as raw, \
             gzip.open(raw, "rt", newline="") as f:  # fmt: skip
         for row in csv.DictReader(f):
@@ -168,7 +176,7 @@ def _sensitivity_table() -> dict[tuple[str, str], dict[str, np.ndarray]]:
     return table
 
 
-def paper_curve(task: str, label: str) -> dict[str, np.ndarray] | None:
+def paper_curve(task: str, label: str) -> dict[str, Any] | None:
     """The released curve of `label` (a paper method name or agent name, or a sensitivity
     variant such as `QAM-E (T=3)`) on `task` (a task, a domain, `all` or `all-rep`)."""
     curve = _reference.paper_curve(task, PAPER_NAMES.get(label, label))
@@ -194,7 +202,9 @@ def paper_key(tasks: Sequence[str]) -> str | None:
     return None
 
 
-def paper_point(label: str, tasks: Sequence[str], phase: str) -> tuple[str, float, float, float] | None:
+def paper_point(
+    label: str, tasks: Sequence[str], phase: str
+) -> tuple[str, float, float, float] | None:
     """`(curve, mean, low, high)` of the paper for `label` on `tasks` at `phase`'s step."""
     key = paper_key(tasks)
     if key is None:
@@ -309,7 +319,8 @@ def cells_csv(cells: Sequence[Cell]) -> str:
     for c in cells:
         p = c.paper
         w.writerow([
-            c.phase, c.label, c.column, len(c.tasks), len(c.seeds), "" if c.step is None else c.step,
+            c.phase, c.label, c.column, len(c.tasks), len(c.seeds),
+            "" if c.step is None else c.step,
             f"{c.mean:.4f}", f"{c.ci[0]:.4f}", f"{c.ci[1]:.4f}", f"{c.iqm:.4f}",
             f"{c.iqm_ci[0]:.4f}", f"{c.iqm_ci[1]:.4f}", *(("", "", "", "") if p is None else
             (p[0], f"{p[1]:.2f}", f"{p[2]:.2f}", f"{p[3]:.2f}")),
@@ -466,12 +477,16 @@ def write_report(
     notes = [
         f"{counts['runs']} seed-runs from {counts['finished']} finished programs "
         f"({counts['programs'] - counts['finished']} not finished).",
-        "Schedule: " + "; ".join(f"{a:,} offline + {b:,} online" for a, b in schedules)
+        "Schedule: "
+        + "; ".join(f"{a:,} offline + {b:,} online" for a, b in schedules)
         + " steps (paper: 1,000,000 + 500,000)."
         + ("" if schedules == [(1_000_000, 500_000)] else " Compared by phase, not by step."),
     ]
     text = markdown(cells, title=f"Results: {sweep_dir}", notes=notes, reps=reps)
-    files = {"markdown": os.path.join(out_dir, "table.md"), "csv": os.path.join(out_dir, "table.csv")}
+    files = {
+        "markdown": os.path.join(out_dir, "table.md"),
+        "csv": os.path.join(out_dir, "table.csv"),
+    }
     atomic_write_text(files["markdown"], text)
     atomic_write_text(files["csv"], cells_csv(cells))
     pngs = []

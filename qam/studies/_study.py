@@ -183,7 +183,9 @@ class Study:
             if not getattr(self, field):
                 raise ValueError(f"`Study({field}=...)` must be non-empty; got nothing.")
         if self.preset not in ("paper", "small"):
-            raise ValueError(f"`Study(preset=...)` must be 'paper' or 'small'; got {self.preset!r}.")
+            raise ValueError(
+                f"`Study(preset=...)` must be 'paper' or 'small'; got {self.preset!r}."
+            )
         for field in ("methods", "tasks", "seeds"):
             values = getattr(self, field)
             if len(set(values)) != len(values):
@@ -194,8 +196,7 @@ class Study:
 
 
 def _sensitivity_variants() -> tuple[Variant, ...]:
-    out = [Variant(f"QAM-E ({f:g}x tau)", {"inv_temp": Times(float(f))})
-           for f in (0.1, 0.3, 3, 10)]
+    out = [Variant(f"QAM-E ({f:g}x tau)", {"inv_temp": Times(float(f))}) for f in (0.1, 0.3, 3, 10)]
     out += [Variant(f"QAM-E (T={t})", {"flow_steps": t}) for t in (1, 3, 20, 30)]
     out += [Variant("QAM-E (K=2)", {"num_qs": 2}), Variant("QAM-E-NOCLIP", {"clip_grad": False})]
     return tuple(out)
@@ -298,7 +299,9 @@ def study_from_dict(spec: Mapping[str, Any], *, name: str = "grid") -> Study:
         raise ValueError(f"study file: unknown keys {sorted(unknown)}; expected {sorted(known)}.")
     for key in ("methods", "tasks"):
         if not spec.get(key):
-            raise ValueError(f"study file: `{key}` must be a non-empty list; got {spec.get(key)!r}.")
+            raise ValueError(
+                f"study file: `{key}` must be a non-empty list; got {spec.get(key)!r}."
+            )
     tasks: list[str] = []
     for t in spec["tasks"]:
         tasks += [t] if _TASK.match(t) else list(_tasks(t))
