@@ -3,6 +3,8 @@ on a Gaussian base, the displacement along a linear critic's gradient, a hand-un
 nonlinear networks), the linex loss's minimisers and branches, every loss term by hand in
 float64, gradient routing, valid weighting, acting, config errors and presets."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,12 +16,14 @@ from jaxtyping import TypeCheckError
 import qam
 from qam.agents import (
     AGENTS,
+    DOMAINS,
     METHOD_PRESETS,
     cgql,
     guided_ode_actions,
     guided_ode_sample,
     linex_loss,
     noisy_critic_term,
+    ode_actions,
     time_conditioned_q,
 )
 from qam.data import SequenceBatch
@@ -33,10 +37,12 @@ TINY = dict(actor_hidden=(16,), critic_hidden=(16,), num_qs=2, horizon=H, flow_s
 # temperature put some members of the batch on each branch of the loss.
 CONFIGS = {
     "cgql": AGENTS["cgql"].config(**TINY, inv_temp=3.0, guidance_coef=0.3),
-    "cgql-mse": AGENTS["cgql-mse"].config(**TINY, inv_temp=3.0, guidance_coef=0.3,
-                                          noisy_coef=0.5),  # fmt: skip
-    "cgql-linex": AGENTS["cgql-linex"].config(**TINY, inv_temp=8.0, guidance_coef=0.3,
-                                              noisy_coef=0.5, isd_clip=0.5),  # fmt: skip
+    "cgql-mse": AGENTS["cgql-mse"].config(
+        **TINY, inv_temp=3.0, guidance_coef=0.3, noisy_coef=0.5
+    ),  # fmt: skip
+    "cgql-linex": AGENTS["cgql-linex"].config(
+        **TINY, inv_temp=8.0, guidance_coef=0.3, noisy_coef=0.5, isd_clip=0.5
+    ),  # fmt: skip
 }
 F64_RTOL, F64_ATOL = 1e-10, 1e-12
 
@@ -66,7 +72,7 @@ def _guided_by_hand(base, critic, obs, z, num_steps, theta, lam, flow_time):
         v = base(jnp.asarray(t, z.dtype), x, obs)
         if lam > 0 and i > 0:
             c = jnp.asarray([t if flow_time else 1.0], z.dtype)
-            g = jax.grad(lambda y: jnp.mean(critic(obs, jnp.concatenate([y, c]))))(x)
+            g = jax.grad(lambda y, c=c: jnp.mean(critic(obs, jnp.concatenate([y, c]))))(x)
             v = v + theta * (lam * (1 - t) * g + x) / t
         x = x + v / num_steps
     return jnp.clip(x, -1.0, 1.0)
@@ -138,7 +144,7 @@ def test_no_guidance_is_the_plain_ode_exactly(networks, x64):
 
     @jax.jit
     def run(base, critic, obs, noise):
-        plain = qam.agents.ode_actions(base, obs, noise, num_steps=K)
+        plain = ode_actions(base, obs, noise, num_steps=K)
         zero_theta = guided_ode_actions(base, critic, obs, noise, num_steps=K, guidance_coef=0.0,
                                         inv_temp=10.0, critic_time="flow")  # fmt: skip
         zero_lam = guided_ode_actions(base, critic, obs, noise, num_steps=K, guidance_coef=1.0,
@@ -154,9 +160,10 @@ def test_no_guidance_is_the_plain_ode_exactly(networks, x64):
 def test_guidance_moves_samples_along_a_linear_critic_gradient_by_the_predicted_amount(x64):
     # Q_e = w_e . concat(s, a, t): grad_a mean_e Q_e = c = mean_e w_e[a] at any t. With the
     # Gaussian base, the difference Delta_i between the runs with this critic and a zero critic
-    # (same theta, so the same x/t part) obeys
-    #   Delta_1 = 0,  Delta_{i+1} = (1 + h m(t_i) + theta / i) Delta_i + h theta lam (1 - t_i) c / t_i
-    # for i = 1 .. K-1, coordinate by coordinate, whatever the noise.
+    # (same theta, so the same x/t part) obeys, coordinate by coordinate, whatever the noise,
+    #   Delta_1 = 0,
+    #   Delta_{i+1} = (1 + h m(t_i) + theta / i) Delta_i + h theta lam (1 - t_i) c / t_i,
+    # for i = 1 .. K-1.
     s2, theta, lam, num_steps = np.array([1.0, 0.25]), 0.2, 3.0, 10
     w = np.array([[5.0, 1.0, -0.5, 7.0], [-3.0, 0.2, -1.5, -2.0]])  # (obs 1, a 2, t 1)
     c = w[:, 1:3].mean(0)
@@ -321,8 +328,9 @@ def _by_hand(name, state, batch, key):
     out["linex_branch"] = delta > config.isd_clip
     per = {
         "cgql-mse": (pred - tilde) ** 2,
-        "cgql-linex": jnp.where(delta > config.isd_clip, delta,
-                                jnp.exp(delta) + config.inv_temp * pred),  # fmt: skip
+        "cgql-linex": jnp.where(
+            delta > config.isd_clip, delta, jnp.exp(delta) + config.inv_temp * pred
+        ),  # fmt: skip
     }.get(name, jnp.zeros_like(pred))
     out["noisy_critic_loss"] = jnp.sum(w[:, None] * per) / (B * config.num_qs)
 
@@ -335,9 +343,9 @@ def _by_hand(name, state, batch, key):
     losses = jax.vmap(flow_loss)(obs, actions, jax.random.split(flow_key, B))
     out["flow_loss"] = jnp.mean(w * losses)
     noisy_weight = 0.0 if name == "cgql" else config.noisy_coef
-    out["total_loss"] = out["critic_loss"] + noisy_weight * out["noisy_critic_loss"] + out[
-        "flow_loss"
-    ]
+    out["total_loss"] = (
+        out["critic_loss"] + noisy_weight * out["noisy_critic_loss"] + out["flow_loss"]
+    )
 
     # bc_act: the ONLINE flow's plain ODE. (`act` is the TD sampler, checked above.)
     act_obs = 3.0 * jax.random.normal(jax.random.PRNGKey(5), (4, OBS))
@@ -460,9 +468,7 @@ def test_online_base_and_best_of_n(getkey, x64):
         candidates = jax.vmap(lambda k: _guided_by_hand(
             p.actor, p.critic, obs, jax.random.normal(k, (D,)), K, 0.3, 3.0, True
         ))(jax.random.split(key, 4))  # fmt: skip
-        scores = jax.vmap(lambda c: jnp.mean(time_conditioned_q(p.critic, obs, c, 1.0)))(
-            candidates
-        )
+        scores = jax.vmap(lambda c: jnp.mean(time_conditioned_q(p.critic, obs, c, 1.0)))(candidates)
         return acted, candidates, scores
 
     acted, candidates, scores = run(jax.random.split(getkey()), obs, key)
@@ -473,14 +479,15 @@ def test_online_base_and_best_of_n(getkey, x64):
 
 def test_term_argument_errors(networks, getkey, x64):
     _, critic, obs, actions = networks
+    bad: Any = "t"  # not a loss name nor a critic time
     with pytest.raises((ValueError, TypeCheckError), match="loss"):
-        noisy_critic_term(critic, critic, obs, actions, jnp.ones(B), key=getkey(), loss="huber")
+        noisy_critic_term(critic, critic, obs, actions, jnp.ones(B), key=getkey(), loss=bad)
     with pytest.raises((ValueError, TypeCheckError), match="noise"):
         guided_ode_sample(lambda t, x, o: x, critic, obs[0], noise=actions, num_steps=K,
                           guidance_coef=0.1, inv_temp=1.0)  # fmt: skip
     with pytest.raises((ValueError, TypeCheckError), match="critic_time"):
         guided_ode_sample(lambda t, x, o: x, critic, obs[0], noise=actions[0], num_steps=K,
-                          guidance_coef=0.1, inv_temp=1.0, critic_time="t")  # type: ignore[arg-type]
+                          guidance_coef=0.1, inv_temp=1.0, critic_time=bad)  # fmt: skip
     with pytest.raises(ValueError, match="num_steps"):
         guided_ode_sample(lambda t, x, o: x, critic, obs[0], noise=actions[0], num_steps=0,
                           guidance_coef=0.1, inv_temp=1.0)  # fmt: skip
@@ -500,15 +507,24 @@ def test_configs_and_presets():
     for name, mode in zip(NAMES, ("simple", "mse", "linex")):
         c = AGENTS[name].config()
         assert (c.mode, c.inv_temp, c.guidance_coef, c.noisy_coef, c.isd_clip) == (
-            mode, 1.0, 0.1, 0.001, 5.0
+            mode,
+            1.0,
+            0.1,
+            0.001,
+            5.0,
         )
         assert (c.target_guidance, c.flow_steps, c.best_of_n, c.clip_grad) == (True, 10, 1, False)
-        assert set(METHOD_PRESETS[name]) == set(qam.agents.DOMAINS)
+        assert set(METHOD_PRESETS[name]) == set(DOMAINS)
         assert all(row["inv_temp"] == 10.0 for row in METHOD_PRESETS[name].values())
     cd = "cube-double-play-singletask-task2-v0"
     c = AGENTS["cgql"].paper_config(cd)
     assert (c.mode, c.inv_temp, c.guidance_coef, c.horizon, c.discount, c.rho) == (
-        "simple", 10.0, 0.01, 5, 0.99, 0.5
+        "simple",
+        10.0,
+        0.01,
+        5,
+        0.99,
+        0.5,
     )
     c = AGENTS["cgql-mse"].paper_config("puzzle-4x4-play-singletask-task1-v0")
     assert (c.mode, c.guidance_coef, c.noisy_coef) == ("mse", 1.0, 0.001)
