@@ -25,6 +25,7 @@ from qam.agents import (
     noisy_critic_term,
     ode_actions,
     time_conditioned_q,
+    time_conditioned_q_batched,
 )
 from qam.data import SequenceBatch
 
@@ -34,11 +35,17 @@ D = A * H
 NAMES = ("cgql", "cgql-mse", "cgql-linex")
 TINY = dict(actor_hidden=(16,), critic_hidden=(16,), num_qs=2, horizon=H, flow_steps=K)
 # Guidance strong enough to move the samples; in linex a small switch and a large inverse
-# temperature put some members of the batch on each branch of the loss.
+# temperature put some members of the batch on each branch of the loss; cgql-mse runs the
+# online flow as its base and keeps the best of two candidates.
 CONFIGS = {
     "cgql": AGENTS["cgql"].config(**TINY, inv_temp=3.0, guidance_coef=0.3),
     "cgql-mse": AGENTS["cgql-mse"].config(
-        **TINY, inv_temp=3.0, guidance_coef=0.3, noisy_coef=0.5
+        **TINY,
+        inv_temp=3.0,
+        guidance_coef=0.3,
+        noisy_coef=0.5,
+        target_guidance=False,
+        best_of_n=2,
     ),  # fmt: skip
     "cgql-linex": AGENTS["cgql-linex"].config(
         **TINY, inv_temp=8.0, guidance_coef=0.3, noisy_coef=0.5, isd_clip=0.5
@@ -301,13 +308,23 @@ def _by_hand(name, state, batch, key):
     q_at = lambda critic, o, a, t: critic(o, jnp.concatenate([a, jnp.asarray([t])]))
     out = {}
 
-    # TD: a' from the guided loop on the EMA flow with the ONLINE critic; target critic at t=1.
+    # TD: a' from the guided loop on the EMA flow (cgql-mse: the online flow, best of two by
+    # the online critic's mean at t = 1) with the ONLINE critic; target critic at t = 1.
     next_obs = batch.next_observations[:, -1]
+    base = targets["actor"] if config.target_guidance else params.actor
+
+    def candidate(o, k):
+        z = jax.random.normal(k, (D,))
+        return _guided_by_hand(base, params.critic, o, z, K, config.guidance_coef,
+                               config.inv_temp, flow_time)  # fmt: skip
 
     def next_action(o, k):
-        z = jax.random.normal(k, (D,))
-        return _guided_by_hand(targets["actor"], params.critic, o, z, K, config.guidance_coef,
-                               config.inv_temp, flow_time)  # fmt: skip
+        if config.best_of_n == 1:
+            return candidate(o, k)
+        keys = jax.random.split(k, config.best_of_n)
+        candidates = [candidate(o, k_) for k_ in keys]
+        scores = jnp.stack([jnp.mean(q_at(params.critic, o, c, 1.0)) for c in candidates])
+        return jnp.stack(candidates)[jnp.argmax(scores)]
 
     next_actions = jax.vmap(next_action)(next_obs, jax.random.split(td_key, B))
     next_q = jax.vmap(lambda o, a: q_at(targets["critic"], o, a, 1.0))(next_obs, next_actions)
@@ -451,34 +468,24 @@ def test_bc_act_is_the_online_flows_plain_ode(case):
                                atol=F64_ATOL)  # fmt: skip
 
 
-def test_online_base_and_best_of_n(getkey, x64):
-    # target_guidance=False runs the online flow; best_of_n picks the candidate (from
-    # split(key, n)) with the highest mean_e Q_e(s, a, 1) of the online critic.
-    config = AGENTS["cgql-mse"].config(**TINY, guidance_coef=0.3, inv_temp=3.0,
-                                       target_guidance=False, best_of_n=4)  # fmt: skip
-    obs, key = jax.random.normal(getkey(), (OBS,)), getkey()
+def test_time_conditioned_critic_and_argument_errors(networks, getkey, x64):
+    _, critic, obs, actions = networks
+    t = jnp.linspace(0.0, 1.0, B)
 
     @jax.jit
-    def run(init_keys, obs, key):
-        init = lambda k: AGENTS["cgql-mse"].init(k, jnp.zeros(OBS), jnp.zeros(A), config)
-        state, other = init(init_keys[0]), init(init_keys[1])
-        state = eqx.tree_at(lambda s: s.targets["actor"], state, other.params.actor)
-        acted = AGENTS["cgql-mse"].act(state, obs, key=key)
-        p = state.params
-        candidates = jax.vmap(lambda k: _guided_by_hand(
-            p.actor, p.critic, obs, jax.random.normal(k, (D,)), K, 0.3, 3.0, True
-        ))(jax.random.split(key, 4))  # fmt: skip
-        scores = jax.vmap(lambda c: jnp.mean(time_conditioned_q(p.critic, obs, c, 1.0)))(candidates)
-        return acted, candidates, scores
+    def values(critic, obs, actions, t):
+        by_member = jax.vmap(lambda o, a, t_: critic(o, jnp.concatenate([a, t_[None]])))
+        one = jax.vmap(lambda o, a, t_: time_conditioned_q(critic, o, a, t_))
+        return (
+            time_conditioned_q_batched(critic, obs, actions, t),
+            one(obs, actions, t),
+            (by_member(obs, actions, t)),
+        )
 
-    acted, candidates, scores = run(jax.random.split(getkey()), obs, key)
-    np.testing.assert_allclose(acted, candidates[int(np.argmax(scores))], rtol=F64_RTOL,
-                               atol=F64_ATOL)  # fmt: skip
-    assert np.ptp(np.asarray(scores)) > 1e-6  # the candidates differ
-
-
-def test_term_argument_errors(networks, getkey, x64):
-    _, critic, obs, actions = networks
+    batched, one, expected = values(critic, obs, actions, t)
+    np.testing.assert_allclose(batched, expected, rtol=F64_RTOL, atol=F64_ATOL)
+    np.testing.assert_allclose(one, expected, rtol=F64_RTOL, atol=F64_ATOL)
+    assert batched.shape == (B, 3)
     bad: Any = "t"  # not a loss name nor a critic time
     with pytest.raises((ValueError, TypeCheckError), match="loss"):
         noisy_critic_term(critic, critic, obs, actions, jnp.ones(B), key=getkey(), loss=bad)
