@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="array tasks running at once",
     )
     g.add_argument("--slurm-wait", action="store_true", help="wait for the array to finish")
+    p.add_argument(
+        "--no-compile-cache",
+        dest="compile_cache",
+        action="store_false",
+        help="no shared JAX compilation cache (default: OUT/.jax-cache)",
+    )
     p.add_argument("--script", default=MAIN_SCRIPT, help=argparse.SUPPRESS)
     return p
 
@@ -178,14 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     if not programs:
         print("Nothing to run: every run is finished.")
         return 0
+    cache = os.path.join(out, ".jax-cache") if args.compile_cache else None
     try:
         if args.launcher == "local":
-            outcome = studies.run_local(programs, script=args.script, workers=args.workers)
+            outcome = studies.run_local(programs, script=args.script, workers=args.workers,
+                                        cache_dir=cache)  # fmt: skip
         elif args.launcher == "ray":
             gpus = args.gpus_per_run if args.gpus_per_run is not None else 0.0
             outcome = studies.run_ray(programs, script=args.script, address=args.ray_address,
                                       num_cpus=args.cpus_per_run, num_gpus=gpus,
-                                      max_retries=args.max_retries)  # fmt: skip
+                                      max_retries=args.max_retries, cache_dir=cache)  # fmt: skip
         else:
             params = studies.slurm_parameters(
                 gpus=args.slurm_gpus, cpus=args.slurm_cpus, mem_gb=args.slurm_mem,
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             outcome = studies.run_slurm(programs, script=args.script,
                                         folder=os.path.join(out, "slurm"), parameters=params,
-                                        wait=args.slurm_wait)  # fmt: skip
+                                        wait=args.slurm_wait, cache_dir=cache)  # fmt: skip
     except ImportError as error:
         _error(str(error))
     done, failed, stopped = (len(outcome[k]) for k in ("finished", "failed", "stopped"))

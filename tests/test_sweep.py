@@ -272,6 +272,25 @@ def test_dry_run_and_bad_input(sweep_cli, capsys, tmp_path):
         assert len(err) == 1 and match in err[0], err
 
 
+def test_launcher_settings_and_missing_engines(monkeypatch):
+    params = studies.slurm_parameters(gpus=1, cpus=8, mem_gb=64, time_min=240, partition="gpu",
+                                      parallelism=100)  # fmt: skip
+    assert params == {"name": "qam-sweep", "timeout_min": 240, "gpus_per_node": 1,
+                      "cpus_per_task": 8, "mem_gb": 64.0, "slurm_array_parallelism": 100,
+                      "nodes": 1, "tasks_per_node": 1, "slurm_partition": "gpu"}  # fmt: skip
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"^--launcher slurm needs submitit, which is not "
+                       r"installed: pip install 'qam\[slurm\]'$"):  # fmt: skip
+        studies.run_slurm([], script="x", folder="x", parameters=params)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install 'qam\[ray\]'$"):
+        studies.run_ray([], script="x")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert studies.local_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert studies.local_gpus() == []
+
+
 # --- sweeps of tiny runs ---------------------------------------------------------------------
 
 

@@ -110,7 +110,7 @@ def test_cells_against_hand_computed_means_iqms_and_rliable(sweep):
 
     out, scores = sweep
     curves, _ = studies.collect(str(out))
-    cells = {(c.phase, c.label, c.column): c for c in studies.table(curves, reps=500, seed=3)}
+    cells = {(c.phase, c.label, c.column): c for c in studies.table(curves, reps=200, seed=3)}
     assert len(cells) == 2 * 2 * 3  # phases x methods x (cube-double-play, scene-play, all)
     for (phase, label, column), cell in cells.items():
         tasks = {"cube-double-play": [CD1, CD2], "scene-play": [SCENE], "all": [CD1, CD2, SCENE]}
@@ -125,11 +125,11 @@ def test_cells_against_hand_computed_means_iqms_and_rliable(sweep):
         # (rliable 1.2 resamples with NumPy's global generator, whatever random_state says.)
         np.random.seed(3)
         mean = lambda s: np.array([metrics.aggregate_mean(s)])  # noqa: E731
-        _, ci = rly.get_interval_estimates({"x": x}, mean, reps=500)
+        _, ci = rly.get_interval_estimates({"x": x}, mean, reps=200)
         np.testing.assert_allclose(cell.ci, ci["x"][:, 0], rtol=0, atol=1e-12)
         np.random.seed(3)
         _, ci = rly.get_interval_estimates({"x": x}, lambda s: np.array([metrics.aggregate_iqm(s)]),
-                                           reps=500)  # fmt: skip
+                                           reps=200)  # fmt: skip
         np.testing.assert_allclose(cell.iqm_ci, ci["x"][:, 0], rtol=0, atol=1e-12)
         assert cell.ci[0] <= cell.mean <= cell.ci[1]
     # The paper's numbers where the column's tasks are one of its curves (one task here).

@@ -17,6 +17,7 @@ from ._launch import (
     finished_members as finished_members,
     local_gpus as local_gpus,
     plan as plan,
+    program_env as program_env,
     read_records as read_records,
     require as require,
     run_local as run_local,

@@ -37,8 +37,10 @@ from ._resolve import load_main_job, resolve
 from ._study import RunSpec
 
 
-__all__ = ["Program", "finished_members", "local_gpus", "plan", "run_local", "run_ray",
-           "run_slurm", "slurm_parameters"]  # fmt: skip
+__all__ = [
+    "Program", "ProgramFailed", "finished_members", "local_gpus", "plan", "program_env",
+    "read_records", "require", "run_local", "run_ray", "run_slurm", "slurm_parameters",
+]  # fmt: skip
 
 
 def require(module: str, extra: str, what: str) -> ModuleType:
@@ -207,6 +209,18 @@ def run_program(argv: Sequence[str], log_path: str, *, env: dict[str, str] | Non
         return proc.wait()
 
 
+def program_env(cache_dir: str | None = None, gpu: str | None = None) -> dict[str, str]:
+    """The environment of a program: this one's, with JAX's persistent compilation cache in
+    `cache_dir` (unless `JAX_COMPILATION_CACHE_DIR` is set already; programs of the same
+    method and domain then compile once) and, with `gpu`, only that GPU visible."""
+    env = dict(os.environ)
+    if cache_dir is not None and "JAX_COMPILATION_CACHE_DIR" not in env:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(cache_dir)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return env
+
+
 def local_gpus() -> list[str]:
     """The GPUs of this machine, by the ids `CUDA_VISIBLE_DEVICES` takes: its own list where
     set, otherwise `nvidia-smi -L`'s; none without NVIDIA GPUs."""
@@ -236,10 +250,12 @@ def run_local(
     script: str,
     workers: int | None = None,
     gpus: Sequence[str] | None = None,
+    cache_dir: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[Program]]:
     """Run `programs` in a pool of `workers` processes at a time (default: one per GPU, each
-    process seeing only its own; without GPUs half the CPU cores). SIGINT/SIGTERM stop the
+    process seeing only its own; without GPUs half the CPU cores), with `program_env`'s
+    compilation cache in `cache_dir`. SIGINT/SIGTERM stop the
     sweep: every running program gets SIGTERM (it writes a checkpoint and stops), none is
     started after. Returns the programs by outcome: `finished`, `failed`, `stopped`."""
     gpus = list(local_gpus() if gpus is None else gpus)
@@ -259,9 +275,7 @@ def run_local(
             return
         with lock:
             slot = free.pop()
-        env = dict(os.environ)
-        if slots[slot % len(slots)] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(slots[slot % len(slots)])
+        env = program_env(cache_dir, slots[slot % len(slots)])
         write_record(program, script)
         try:
             rc = run_program(command(program, script), program.log_path, env=env,
@@ -309,10 +323,11 @@ class ProgramFailed(RuntimeError):
     """A program exited with a failure status that a retry may cure (not a usage error)."""
 
 
-def _ray_program(argv: list[str], log_path: str) -> int:
+def _ray_program(argv: list[str], log_path: str, cache_dir: str | None = None) -> int:
     """A Ray task: run one program; a crash raises `ProgramFailed` so Ray retries it (the
-    program resumes from its checkpoint), a usage error (exit 2) is returned as it is."""
-    rc = run_program(argv, log_path)
+    program resumes from its checkpoint), a usage error (exit 2) is returned as it is. Ray
+    sets `CUDA_VISIBLE_DEVICES` to the task's GPUs."""
+    rc = run_program(argv, log_path, env=program_env(cache_dir))
     if rc not in (0, 2):
         raise ProgramFailed(f"exit status {rc}; see {log_path}")
     return rc
@@ -323,9 +338,10 @@ def run_ray(
     *,
     script: str,
     address: str | None = None,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
+    num_cpus: float | int = 1.0,
+    num_gpus: float | int = 0.0,
     max_retries: int = 3,
+    cache_dir: str | None = None,
     log: Callable[[str], None] = print,
     init_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, list[Program]]:
@@ -345,7 +361,7 @@ def run_ray(
     refs = {}
     for program in programs:
         write_record(program, script)
-        refs[task.remote(command(program, script), program.log_path)] = program
+        refs[task.remote(command(program, script), program.log_path, cache_dir)] = program
     outcome: dict[str, list[Program]] = {"finished": [], "failed": [], "stopped": []}
     pending = list(refs)
     while pending:
@@ -368,7 +384,7 @@ def slurm_parameters(
     *,
     gpus: int = 1,
     cpus: int = 8,
-    mem_gb: float = 64,
+    mem_gb: float | int = 64,
     time_min: int = 4 * 60,
     partition: str | None = None,
     account: str | None = None,
@@ -397,13 +413,14 @@ class SlurmProgram:
     def __init__(self):
         self.proc: subprocess.Popen | None = None
 
-    def __call__(self, argv: list[str], log_path: str) -> int:
-        rc = run_program(argv, log_path, on_start=lambda p: setattr(self, "proc", p))
+    def __call__(self, argv: list[str], log_path: str, cache_dir: str | None = None) -> int:
+        rc = run_program(argv, log_path, env=program_env(cache_dir),
+                         on_start=lambda p: setattr(self, "proc", p))  # fmt: skip
         if rc not in (0, 2):
             raise ProgramFailed(f"exit status {rc}; see {log_path}")
         return rc
 
-    def checkpoint(self, argv: list[str], log_path: str) -> Any:
+    def checkpoint(self, argv: list[str], log_path: str, cache_dir: str | None = None) -> Any:
         import submitit
 
         proc = self.proc
@@ -413,7 +430,7 @@ class SlurmProgram:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        return submitit.helpers.DelayedSubmission(SlurmProgram(), argv, log_path)
+        return submitit.helpers.DelayedSubmission(SlurmProgram(), argv, log_path, cache_dir)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"proc": None}
@@ -426,6 +443,7 @@ def run_slurm(
     folder: str,
     parameters: dict[str, Any],
     wait: bool = False,
+    cache_dir: str | None = None,
     log: Callable[[str], None] = print,
     cluster: str | None = None,
 ) -> dict[str, list[Program]]:
@@ -438,7 +456,8 @@ def run_slurm(
     for program in programs:
         write_record(program, script)
     jobs = executor.map_array(SlurmProgram(), [command(p, script) for p in programs],
-                              [p.log_path for p in programs])  # fmt: skip
+                              [p.log_path for p in programs],
+                              [cache_dir] * len(programs))  # fmt: skip
     log(f"submitted {len(jobs)} array tasks (job {jobs[0].job_id.split('_')[0] if jobs else '-'}); "
         f"logs in {folder}")  # fmt: skip
     outcome: dict[str, list[Program]] = {"finished": [], "failed": [], "stopped": []}
