@@ -590,9 +590,11 @@ def case(request, initial):
             first, second = (
                 jax.tree.map(lambda x, i=i: x[i], (jacobians, metrics)) for i in (0, 1)
             )
-            method = lambda d_: (lambda r, m: (r[f"{name}_loss"], m))(
-                *metrics_fn(d_, online_state, batch)
-            )
+
+            def method(d_):
+                routed_metrics, all_metrics = metrics_fn(d_, online_state, batch)
+                return routed_metrics[f"{name}_loss"], all_metrics
+
             online_grad, online = jax.grad(method, has_aux=True)(d)
             acted = jax.vmap(lambda o, k: agent.act(state, o, key=k))(obs, act_keys)
             return first[1], first[0], online, online_grad, second[1], second[0], acted
