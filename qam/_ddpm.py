@@ -56,9 +56,9 @@ def vp_beta_schedule(
     beta_n = 1 - exp(-b_min / T - (b_max - b_min) (2 n - 1) / (2 T^2)),   n = 1 .. T;  beta_0 = 0
     alpha_n = 1 - beta_n,   abar_n = prod_{k <= n} alpha_k   (abar_0 = 1)
     ```
-    the discretisation of the VP SDE with a linear `beta(t)` from `b_min` to `b_max` (each
-    `beta_n` integrates it over the `n`-th of `T` equal intervals, midpoint rule). With `T = 10`
-    and the defaults: `beta_1..10 = 0.0578 0.1466 0.2270 0.2999 0.3659 0.4256 0.4798 0.5288
+    the discretisation of the VP SDE with a linear rate `beta(t) = b_min + (b_max - b_min) t`
+    on `[0, 1]`: `-log alpha_n` is its integral over the `n`-th of `T` equal intervals. With
+    `T = 10` and the defaults: `beta_1..10 = 0.0578 0.1466 0.2270 0.2999 0.3659 0.4256 0.4798 0.5288
     0.5732 0.6135` and `abar_1..10 = 0.9422 0.8041 0.6216 0.4352 0.2760 0.1585 0.0825 0.0389
     0.0166 0.0064`. Computed in float64 and returned in `dtype` (default: JAX's default float).
 
