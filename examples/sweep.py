@@ -203,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             outcome = studies.run_slurm(programs, script=args.script,
                                         folder=os.path.join(out, "slurm"), parameters=params,
                                         wait=args.slurm_wait, cache_dir=cache)  # fmt: skip
-    except ImportError as error:
+    except (ImportError, ValueError) as error:
         _error(str(error))
     done, failed, stopped = (len(outcome[k]) for k in ("finished", "failed", "stopped"))
+    if args.launcher == "slurm" and not args.slurm_wait:
+        print(f"{stopped} programs submitted. When the array has ended, run the same command "
+              "again: it skips what finished and resubmits the rest.")  # fmt: skip
+        return 0
     print(f"{done} finished, {failed} failed, {stopped} not finished. "
           + ("Run the same command again to resume." if failed or stopped else
              f"Report: python examples/report.py {out}"))  # fmt: skip

@@ -256,8 +256,9 @@ def run_local(
     """Run `programs` in a pool of `workers` processes at a time (default: one per GPU, each
     process seeing only its own; without GPUs half the CPU cores), with `program_env`'s
     compilation cache in `cache_dir`. SIGINT/SIGTERM stop the
-    sweep: every running program gets SIGTERM (it writes a checkpoint and stops), none is
-    started after. Returns the programs by outcome: `finished`, `failed`, `stopped`."""
+    sweep: every running program writes a checkpoint and stops (Ctrl-C reaches them directly;
+    a SIGTERM is passed on to them), none is started after. Returns the programs by outcome:
+    `finished`, `failed`, `stopped`."""
     gpus = list(local_gpus() if gpus is None else gpus)
     if workers is None:
         workers = len(gpus) or max(1, (os.cpu_count() or 1) // 2)
@@ -294,7 +295,9 @@ def run_local(
 
     def stop(signum, frame):
         stopping.set()
-        for proc in list(running.values()):
+        if signum == signal.SIGINT:  # Ctrl-C reached the programs too (one process group)
+            return
+        for proc in list(running.values()):  # a second signal would stop them uncheckpointed
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
@@ -451,6 +454,9 @@ def run_slurm(
     requeue on preemption and time-out (`SlurmProgram.checkpoint`). Returns at once unless
     `wait`; rerun the sweep to see what finished and to submit what did not."""
     submitit = require("submitit", "slurm", "--launcher slurm")
+    if cluster is None and shutil.which("sbatch") is None:
+        raise ValueError("--launcher slurm: no SLURM on this machine (sbatch is not on PATH); "
+                         "run the sweep from a SLURM login node.")  # fmt: skip
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(**parameters)
     for program in programs:
