@@ -4,6 +4,7 @@ against rliable called directly, the paper's numbers and the overlap flag, the f
 import csv
 import io
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -21,7 +22,7 @@ CD1, CD2 = "cube-double-play-singletask-task1-v0", "cube-double-play-singletask-
 SCENE = "scene-play-singletask-task2-v0"
 
 
-def _program(out, method, label, task, seeds, values, *, name=None):
+def _program(out, method, label, task, seeds, values, *, name=None, config="c"):
     """A finished program: its record, config.json, eval.csv (`values[seed][step]`, fractions)
     and summary.json, as the sweep and the main job write them."""
     base = out / method / task / (name or f"s{'-'.join(map(str, seeds))}-{label}")
@@ -32,7 +33,7 @@ def _program(out, method, label, task, seeds, values, *, name=None):
         "label": label,
         "task": task,
         "seeds": list(seeds),
-        "members": {str(s): f"{label}-{task}-{s}" for s in seeds},
+        "members": {str(s): f"{config}-{label}-{task}-{s}" for s in seeds},
     }
     pathlib.Path(str(base) + ".json").write_text(json.dumps(record))
     (base / "config.json").write_text(json.dumps(
@@ -72,6 +73,10 @@ def sweep(tmp_path_factory):
             scores[label, task] = {s: values[s] for s in seeds}
     # The same seed-runs again in another grouping of seeds: counted once.
     _program(out, "qam", "QAM", CD1, (1,), scores["QAM", CD1], name="s1-regrouped")
+    # An older configuration of one seed-run (another id), finished earlier: superseded.
+    old = _program(out, "qam", "QAM", CD1, (1,), {1: {s: 1.0 for s in STEPS}}, name="s1-old",
+                   config="old")  # fmt: skip
+    os.utime(old / "summary.json", (1e9, 1e9))
     # An unfinished program is not read.
     unfinished = _program(out, "qam", "QAM", CD2, (7,), {7: {s: 1.0 for s in STEPS}})
     (unfinished / "summary.json").unlink()
@@ -98,7 +103,7 @@ def _iqm(x):
 def test_collect_reads_each_finished_seed_run_once(sweep):
     out, _ = sweep
     curves, counts = studies.collect(str(out))
-    assert counts["runs"] == len(curves) == 2 * 3 * 3 - 1
+    assert counts["runs"] == len(curves) == 2 * 3 * 3 - 1 and counts["superseded"] == 1
     assert counts["finished"] == counts["programs"] - 1
     assert len({(c.label, c.task, c.seed) for c in curves}) == len(curves)
     c = next(c for c in curves if (c.label, c.task, c.seed) == ("FQL", SCENE, 3))

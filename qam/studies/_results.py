@@ -78,29 +78,44 @@ class SeedCurve:
 
 
 def collect(sweep_dir: str) -> tuple[list[SeedCurve], dict[str, int]]:
-    """Every finished seed-run under `sweep_dir` (a seed-run finished twice, in two groupings
-    of seeds, is counted once), and counts: `programs` recorded, `finished` programs, `runs`."""
+    """Every finished seed-run under `sweep_dir`, and counts: `programs` recorded, `finished`
+    programs, `runs` read and `superseded`. A seed-run finished twice (in two groupings of
+    seeds: the same id) is read once. Where two *different* configurations of one (label,
+    task, seed) finished (a setting or the library changed between two sweeps into the same
+    directory), the newest (by its `summary.json`) is read and the other counted as
+    superseded."""
     from ..report import read_eval_curve
 
-    curves, seen = [], set()
+    chosen: dict[tuple[str, str, int], tuple[float, str, SeedCurve]] = {}
     records = read_records(sweep_dir)
     finished = [r for r in records if r["finished"]]
+    superseded = 0
     for record in finished:
         run_dir = record["run_dir"]
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
             run = json.load(f)["run"]
         curve = read_eval_curve(os.path.join(run_dir, "eval.csv"))
+        stamp = os.path.getmtime(os.path.join(run_dir, "summary.json"))
+        label = record.get("label") or record["method"]
         for i, seed in enumerate(record["seeds"]):
-            member = record["members"].get(int(seed))
-            if member in seen or i >= curve["per_seed"].shape[1]:
+            if i >= curve["per_seed"].shape[1]:
                 continue
-            seen.add(member)
-            curves.append(SeedCurve(
-                record.get("label") or record["method"], record["method"], record["task"],
-                int(seed), int(run["offline_steps"]), int(run["online_steps"]),
-                curve["steps"].copy(), 100.0 * curve["per_seed"][:, i],
+            member = record["members"].get(int(seed))
+            key = (label, record["task"], int(seed))
+            old = chosen.get(key)
+            if old is not None and old[1] == member:
+                continue  # the same seed-run in another grouping
+            if old is not None:
+                superseded += 1
+                if old[0] >= stamp:
+                    continue
+            chosen[key] = (stamp, member, SeedCurve(
+                label, record["method"], record["task"], int(seed), int(run["offline_steps"]),
+                int(run["online_steps"]), curve["steps"].copy(), 100.0 * curve["per_seed"][:, i],
             ))  # fmt: skip
-    return curves, {"programs": len(records), "finished": len(finished), "runs": len(curves)}
+    curves = [c for _, _, c in chosen.values()]
+    return curves, {"programs": len(records), "finished": len(finished), "runs": len(curves),
+                    "superseded": superseded}  # fmt: skip
 
 
 # ------------------------------------------------------------------------- statistics
@@ -476,7 +491,13 @@ def write_report(
     schedules = sorted({(c.offline_steps, c.online_steps) for c in curves})
     notes = [
         f"{counts['runs']} seed-runs from {counts['finished']} finished programs "
-        f"({counts['programs'] - counts['finished']} not finished).",
+        f"({counts['programs'] - counts['finished']} not finished)"
+        + (
+            f"; {counts['superseded']} seed-runs of an older configuration of the same method, "
+            "task and seed left out."
+            if counts["superseded"]
+            else "."
+        ),
         "Schedule: "
         + "; ".join(f"{a:,} offline + {b:,} online" for a, b in schedules)
         + " steps (paper: 1,000,000 + 500,000)."
