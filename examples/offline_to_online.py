@@ -14,6 +14,11 @@ one flag away:
     python examples/offline_to_online.py --env cube-triple-play-singletask-task2-v0 \\
         --agent qam-edit --preset paper --seeds 0 1 2 3
 
+An agent may bring its own training regime (`Agent.run_defaults`), applied as the defaults of
+the run flags: `--agent rlpd` trains online only (`--offline-steps 0`), on batches half offline
+and half online (`--balanced-sampling`), after `--start-training` uniform random steps
+(`--random-warmup`); any of those flags given explicitly wins.
+
 Rerunning with the same `--out` resumes from the last checkpoint.
 """
 
@@ -103,6 +108,11 @@ class Job:
     seeds: tuple[int, ...] = (0,)  # seeds trained together in one program (vmapped)
     # the paper's sparse reward transform, r <- -1[r != 0] (auto: on for scene and puzzle)
     sparse: Literal["auto", "yes", "no"] = "auto"
+    # dense cube reward (qam.data.dense_reward_v1..v9), alike offline, online and in evaluation
+    dense_reward_version: Literal["none", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9"] = (
+        "none"
+    )
+    cube_success_threshold: float = 0.04  # metres; success check and dense rewards (cube tasks)
     offline_steps: int = 9_000  # offline gradient steps
     online_steps: int = 3_000  # online environment steps
     eval_episodes: int = 20  # evaluation episodes per seed
@@ -112,9 +122,13 @@ class Job:
     batch_size: int = 128  # batch size of every update
     start_training: int = 250  # online steps before updates start
     utd: int = 1  # updates per online environment step
-    # replay buffer rows (None: dataset + online steps; a cap overwrites the oldest rows first)
+    # replay buffer rows (None: dataset + online steps, online steps alone with balanced
+    # sampling; a cap overwrites the oldest rows first)
     buffer_size: int | None = None
     max_episode_steps: int | None = None  # cap on episode length (None: the environment's)
+    # half of every online batch from the dataset, half from a buffer of online rows only
+    balanced_sampling: bool = False
+    random_warmup: bool = False  # uniform random single actions before --start-training
     tensorboard: bool = False  # also log to TensorBoard
     wandb: bool = False  # also log to Weights & Biases
     progress: bool = True  # show a progress bar (steps/s, latest success rate, critic loss)
@@ -155,19 +169,31 @@ def _preparse(argv: list[str]) -> tuple[str, str, str]:
     return known.agent, known.preset, known.env
 
 
+# `RunConfig` fields an agent's `run_defaults` may name whose `Job` flag has another name.
+RUN_TO_JOB = {"utd_ratio": "utd"}
+
+
+def agent_job(job: Job, agent_name: str) -> Job:
+    """`job` with the run settings the agent's training regime needs (`Agent.run_defaults`,
+    e.g. RLPD: no offline phase, balanced batches, random warm-up); flags still override."""
+    regime = AGENTS[agent_name].run_defaults
+    return dataclasses.replace(job, **{RUN_TO_JOB.get(k, k): v for k, v in regime.items()})
+
+
 def preset_defaults(agent_name: str, preset: str, env: str) -> tuple[Job, Any]:
-    """The job and agent config `--preset` starts from; raises `ValueError` where the paper
-    has no configuration for `env`'s domain."""
+    """The job and agent config `--preset` starts from (with the agent's `run_defaults` on
+    top); raises `ValueError` where the paper has no configuration for `env`'s domain."""
     agent = AGENTS[agent_name]
     if preset == "paper":
-        return dataclasses.replace(Job(), preset="paper", **PAPER_RUN), agent.paper_config(env)
+        job = dataclasses.replace(Job(), preset="paper", **PAPER_RUN)
+        return agent_job(job, agent_name), agent.paper_config(env)
     fields = {f.name for f in dataclasses.fields(agent.config_class)}
     small = {k: v for k, v in SMALL.items() if k in fields}
     if "variant" in fields:  # the QAM family
         small["inv_temp"] = METHOD_PRESETS["qam"][DEMO_DOMAIN]["inv_temp"]
     else:
         small.update(METHOD_PRESETS.get(agent_name, {}).get(DEMO_DOMAIN, {}))
-    return Job(), agent.config(**small)
+    return agent_job(Job(), agent_name), agent.config(**small)
 
 
 def _init_fields(cls: type) -> set[str]:
@@ -224,6 +250,7 @@ def build_configs(job: Job, hyper: Any) -> tuple[RunConfig, Any]:
         **{name: getattr(hyper, name) for name in _init_fields(agent.config_class)}
     )
     sparse = {"auto": None, "yes": True, "no": False}[job.sparse]
+    dense = job.dense_reward_version
     run = RunConfig(
         env_name=job.env, agent=job.agent, seeds=tuple(job.seeds),
         out_dir=job.out or os.path.join("runs", job.env, job.agent), dataset_dir=job.dataset_dir,
@@ -232,6 +259,9 @@ def build_configs(job: Job, hyper: Any) -> tuple[RunConfig, Any]:
         log_interval=job.log_interval, checkpoint_interval=job.checkpoint_interval,
         batch_size=job.batch_size, start_training=job.start_training, utd_ratio=job.utd,
         buffer_size=job.buffer_size, sparse=sparse, max_episode_steps=job.max_episode_steps,
+        balanced_sampling=job.balanced_sampling, random_warmup=job.random_warmup,
+        dense_reward_version=None if dense == "none" else dense,
+        cube_success_threshold=job.cube_success_threshold,
     )  # fmt: skip
     return run, agent_config
 

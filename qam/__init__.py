@@ -11,6 +11,9 @@ The core is a handful of stateless, single-example functions on Equinox modules 
   `fused_adjoint_matching_batch_loss`: the same for a batch, one batched terminal adjoint.
 - `flow_matching_loss`, `ode_sample`: behaviour-cloning flows and deterministic sampling.
 - `td_loss`: the ensemble TD loss with the pessimistic target `mean - rho * std`.
+- `vp_beta_schedule`, `EpsilonNetwork`, `ddpm_noisy_action`, `ddpm_step`, `ddpm_sample`: a
+  DDPM policy (variance-preserving schedule, noise predictor, training noising, the reverse
+  samplers of QSM and DAC); its steps are indexed `n = 0 .. T`, not times in `[0, 1]`.
 
 See Li et al., "Q-learning with Adjoint Matching", arXiv 2601.14234.
 """
@@ -22,6 +25,14 @@ from ._adjoint import (
     fused_adjoint_matching_batch_loss as fused_adjoint_matching_batch_loss,
     fused_adjoint_matching_loss as fused_adjoint_matching_loss,
     lean_adjoint as lean_adjoint,
+)
+from ._ddpm import (
+    DDPMSchedule as DDPMSchedule,
+    EpsilonNetwork as EpsilonNetwork,
+    ddpm_noisy_action as ddpm_noisy_action,
+    ddpm_sample as ddpm_sample,
+    ddpm_step as ddpm_step,
+    vp_beta_schedule as vp_beta_schedule,
 )
 from ._flow import flow_matching_loss as flow_matching_loss, ode_sample as ode_sample
 from ._sde import (

@@ -86,6 +86,11 @@ class LayerNorm(eqx.Module):
         return _layer_norm(x, self.weight, self.bias, self.eps)
 
 
+def mish(x: Array) -> Array:
+    """`mish(x) = x * tanh(softplus(x))`, the activation of the DDPM epsilon network."""
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
 class MLP(eqx.Module):
     """A multilayer perceptron on one flat input.
 
@@ -333,3 +338,65 @@ class TanhGaussianPolicy(eqx.Module):
     def mode(self, x: Float[Array, " in_size"]) -> Float[Array, " action"]:
         """`tanh(mean)`."""
         return jnp.tanh(self.distribution(x)[0])
+
+
+class DeterministicTanhPolicy(eqx.Module):
+    """A deterministic tanh policy `mu(x) = tanh(W phi(x) + b)` on a flat input (ReBRAC's actor).
+
+    `phi` is a trunk `MLP(x)` with the activation (and LayerNorm, if asked) after its last
+    hidden layer too; the head `W` is initialised `variance_scaling(head_scale, "fan_avg",
+    "uniform")`, i.e. uniform on `+-sqrt(3 * head_scale / ((fan_in + fan_out) / 2))` (Xavier
+    uniform is `head_scale = 1`; the reference's `0.01` gives `+-0.01057` for 512 -> 25), with
+    a zero bias `b`, so a fresh policy outputs chunks close to 0. Trunk layers are
+    Xavier-uniform with zero biases, as `MLP`.
+
+    **Arguments:**
+
+    - `in_size`, `action_dim`: input size and output size `D`.
+    - `hidden_sizes`: the trunk's widths (at least one).
+    - `layer_norm` / `layer_norm_eps`: as in `MLP` (the reference actor has no LayerNorm).
+    - `head_scale`: the head's variance-scaling factor, `> 0` (default `0.01`).
+    - `key`: a PRNG key.
+    """
+
+    trunk: MLP
+    head: eqx.nn.Linear
+
+    def __init__(
+        self,
+        in_size: int,
+        action_dim: int,
+        hidden_sizes: Sequence[int] = (512, 512, 512, 512),
+        *,
+        layer_norm: bool = False,
+        layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS,
+        head_scale: float = 0.01,
+        key: PRNGKeyArray,
+    ):
+        if not hidden_sizes:
+            raise ValueError(
+                "`DeterministicTanhPolicy(hidden_sizes=...)` must name at least one layer."
+            )
+        if not 0 < head_scale < float("inf"):
+            raise ValueError(
+                f"`DeterministicTanhPolicy(head_scale=...)` must be finite and > 0; got "
+                f"{head_scale!r}."
+            )
+        trunk_key, head_key = jax.random.split(key)
+        *inner, last = hidden_sizes
+        self.trunk = MLP(
+            in_size,
+            last,
+            inner,
+            layer_norm=layer_norm,
+            layer_norm_eps=layer_norm_eps,
+            activate_final=True,
+            key=trunk_key,
+        )
+        # Xavier uniform on +-sqrt(6 / (fan_in + fan_out)) times sqrt(head_scale) is uniform on
+        # +-sqrt(6 * head_scale / (fan_in + fan_out)): variance scaling with fan_avg.
+        head = _xavier_linear(last, action_dim, key=head_key)
+        self.head = eqx.tree_at(lambda m: m.weight, head, head.weight * head_scale**0.5)
+
+    def __call__(self, x: Float[Array, " in_size"]) -> Float[Array, " action"]:
+        return jnp.tanh(self.head(self.trunk(x)))

@@ -55,6 +55,19 @@ class RunConfig:
     checkpoint_interval: int = 50_000
     sparse: bool | None = None  # None: the paper's default for the domain
     max_episode_steps: int | None = None  # None: the environment's own limit
+    # RLPD's regime (an agent's `run_defaults` name what it needs; the CLI applies them):
+    # balanced_sampling: the replay buffer holds only online transitions (capacity
+    # `buffer_size`, None: `online_steps`) and every online update's batch is batch_size / 2
+    # offline chunks followed by batch_size / 2 buffer chunks (`qam.data.sample_balanced`).
+    balanced_sampling: bool = False
+    # random_warmup: for online steps t < start_training each action is one uniform draw
+    # from [-1, 1]^A (a single action, not a chunk) instead of the agent's policy.
+    random_warmup: bool = False
+    # Dense cube rewards (`qam.data.DENSE_REWARD_VERSIONS`, None: the task's own reward) and the
+    # cube success threshold in metres (OGBench's 0.04), used alike offline, online and in
+    # evaluation; the shaping discount is the agent's `discount`.
+    dense_reward_version: str | None = None
+    cube_success_threshold: float = 0.04
 
     def __post_init__(self):
         if self.agent not in AGENTS:
@@ -68,6 +81,11 @@ class RunConfig:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ValueError(f"`buffer_size` must be >= 1 or None; got {self.buffer_size}.")
+        if self.balanced_sampling and self.batch_size % 2:
+            raise ValueError(
+                f"`batch_size` must be even with `balanced_sampling=True` (half offline, half "
+                f"online chunks); got {self.batch_size}."
+            )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` must be distinct and non-empty; got {self.seeds}.")
         if not all(0 <= s < 2**32 for s in self.seeds):
@@ -79,6 +97,7 @@ class RunConfig:
             raise ValueError(
                 f"`max_episode_steps` must be >= 1 or None; got {self.max_episode_steps}."
             )
+        qd.check_dense_reward_version(self.dense_reward_version, "`dense_reward_version`")
         for name in ("eval_interval", "checkpoint_interval"):
             if getattr(self, name) % self.log_interval:
                 raise ValueError(
@@ -89,8 +108,8 @@ class RunConfig:
 
 def _seed_key(seed: int, stream: int, *path: int) -> jax.Array:
     """The key of `seed` for one use: a `stream` (0 offline, 1 online acting, 2 evaluation,
-    3 BC evaluation, 4 online updates) and a path of counters (step, episode, ...), each folded
-    in separately so no counter can overflow."""
+    3 BC evaluation, 4 online updates, 5 random warm-up actions) and a path of counters
+    (step, episode, ...), each folded in separately so no counter can overflow."""
     key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
     for counter in path:
         key = jax.random.fold_in(key, counter)
@@ -130,10 +149,26 @@ class Trainer:
         self.agent = AGENTS[run.agent]
         self.log = log
         self.progress = progress or (lambda step, info: None)
-        self.data = qd.load_ogbench(
-            run.env_name, dataset_dir=run.dataset_dir, sparse=run.sparse, load_val=False
+        self.dense_reward = qd.dense_reward_options(
+            run.dense_reward_version, run.cube_success_threshold, discount=agent_config.discount
         )
+        self.data = qd.load_ogbench(
+            run.env_name, dataset_dir=run.dataset_dir, sparse=run.sparse, load_val=False,
+            **self.dense_reward,
+        )  # fmt: skip
         self.dataset = self.data.train
+        if run.balanced_sampling and self.dataset.size == 0:
+            raise ValueError(
+                "`balanced_sampling=True` draws half of every batch from the offline dataset, "
+                "but the dataset is empty (0 transitions); train without it or load data."
+            )
+        capacity = self.buffer_capacity()
+        if run.balanced_sampling and run.online_steps and capacity < agent_config.horizon:
+            raise ValueError(
+                f"with `balanced_sampling=True` the replay buffer holds only online transitions "
+                f"and its capacity (`buffer_size`, or `online_steps` when None) must be >= the "
+                f"action chunk length `horizon={agent_config.horizon}`; got {capacity}."
+            )
         if self.dataset.size < agent_config.horizon:
             raise ValueError(
                 f"the dataset has {self.dataset.size} transitions, fewer than the action chunk "
@@ -252,9 +287,14 @@ class Trainer:
     def _truncate(self, t: int) -> bool:
         return self.run.max_episode_steps is not None and t >= self.run.max_episode_steps
 
+    def _make_env(self):
+        """An environment of the task, with the run's reward (dense, threshold) and chunks."""
+        horizon = self.config.horizon
+        return qd.make_env(self.run.env_name, chunk_length=horizon, **self.dense_reward)
+
     def _eval_envs(self):
         if not hasattr(self, "_eval_env_list"):
-            self._eval_env_list = [qd.make_env(self.run.env_name) for _ in self.run.seeds]
+            self._eval_env_list = [self._make_env() for _ in self.run.seeds]
         return self._eval_env_list
 
     # ----------------------------------------------------------------- checkpoints
@@ -263,7 +303,12 @@ class Trainer:
 
     def buffer_capacity(self) -> int:
         """Rows of each seed's replay buffer: the dataset plus every online step (nothing is
-        evicted), or `max(buffer_size, N)` when `RunConfig.buffer_size` caps it."""
+        evicted), or `max(buffer_size, N)` when `RunConfig.buffer_size` caps it. With
+        `balanced_sampling` the buffer holds online rows only: `buffer_size`, or `online_steps`
+        when None (at least 1)."""
+        if self.run.balanced_sampling:
+            size = self.run.online_steps if self.run.buffer_size is None else self.run.buffer_size
+            return max(size, 1)
         if self.run.buffer_size is None:
             return self.dataset.size + self.run.online_steps
         return max(self.run.buffer_size, self.dataset.size)
@@ -282,12 +327,17 @@ class Trainer:
         files = [{"path": f["path"], "bytes": f["bytes"]} for f in self.data.info.files]
         return {"files": files, "rows": self.dataset.size, "sha256": self._dataset_sha256}
 
+    def _buffer_start(self) -> int:
+        """The row the ring writes its first online transition to: N after the offline rows,
+        0 in a buffer of online rows only (`balanced_sampling`)."""
+        return 0 if self.run.balanced_sampling else self.dataset.size
+
     def _online_positions(self, written: int) -> np.ndarray:
         """Physical buffer rows of the online transitions still in the buffer after `written`
-        appends, oldest first (the ring starts writing at row N)."""
+        appends, oldest first (the ring starts writing at row `_buffer_start()`)."""
         capacity = self.buffer_capacity()
         kept = min(written, capacity)
-        return (self.dataset.size + np.arange(written - kept, written)) % capacity
+        return (self._buffer_start() + np.arange(written - kept, written)) % capacity
 
     def save_checkpoint(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
         """Write `ckpt-<step>.eqx` (agent states and, online, the replay buffers' online rows)
@@ -304,7 +354,7 @@ class Trainer:
         written = 0
         if buffers is not None:
             written = step - self.run.offline_steps
-            expected = (self.dataset.size + written) % self.buffer_capacity()
+            expected = (self._buffer_start() + written) % self.buffer_capacity()
             if not np.all(np.asarray(buffers.insert_index) == expected):  # pragma: no cover
                 raise AssertionError("replay buffer position does not match the step count")
             positions = jnp.asarray(self._online_positions(written))
@@ -393,8 +443,9 @@ class Trainer:
             data = jax.tree.map(lambda b, r: b.at[:, positions].set(r), buffers.data, rows)
             capacity = self.buffer_capacity()
             seeds = (self.num_seeds,)
-            size = jnp.full(seeds, min(self.dataset.size + written, capacity), jnp.int32)
-            insert = jnp.full(seeds, (self.dataset.size + written) % capacity, jnp.int32)
+            start = self._buffer_start()
+            size = jnp.full(seeds, min(start + written, capacity), jnp.int32)
+            insert = jnp.full(seeds, (start + written) % capacity, jnp.int32)
             # tree_at, not the constructor: the buffers carry a leading seed axis.
             buffers = eqx.tree_at(
                 lambda b: (b.data, b.size, b.insert_index), buffers, (data, size, insert)
@@ -402,7 +453,13 @@ class Trainer:
         return meta, buffers
 
     def _new_buffers(self) -> Any:
-        one = qd.replay_buffer_from_dataset(self.dataset, capacity=self.buffer_capacity())
+        if self.run.balanced_sampling:  # online rows only; the dataset is sampled beside it
+            one = qd.empty_replay_buffer(
+                self.buffer_capacity(), observation_shape=self.dataset.observations.shape[1:],
+                action_dim=self.action_dim, observation_dtype=self.dataset.observations.dtype,
+            )  # fmt: skip
+        else:
+            one = qd.replay_buffer_from_dataset(self.dataset, capacity=self.buffer_capacity())
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_seeds, *x.shape)), one)
 
     def _wall_time(self, meta: dict[str, Any]) -> float:
@@ -483,7 +540,7 @@ class Trainer:
             self.progress(step, {"success": row["success"]})
 
     def _online(self, step: int, meta: dict[str, Any], buffers: Any) -> None:
-        envs = [qd.make_env(self.run.env_name) for _ in self.run.seeds]
+        envs = [self._make_env() for _ in self.run.seeds]
         try:
             self._online_loop(step, meta, buffers, envs)
         finally:
@@ -515,7 +572,13 @@ class Trainer:
         metrics = None
         while step < total:
             t = step - offline_end
-            if any(not q for q in queues):
+            warmup = run.random_warmup and t < run.start_training
+            uniform = None
+            if warmup:  # one uniform action per env step (not a chunk); the queues stay empty
+                uniform = np.asarray(
+                    _uniform_actions(_keys(run.seeds, 5, step), action_dim=self.action_dim)
+                )
+            elif any(not q for q in queues):
                 keys = _keys(run.seeds, 1, step)
                 chunks = np.asarray(
                     _act_all(self.states, jnp.asarray(np.stack(obs)), keys, act=self.agent.act)
@@ -526,7 +589,7 @@ class Trainer:
             transitions = []
             ended = []
             for i, env in enumerate(envs):
-                action = queues[i].pop(0)
+                action = queues[i].pop(0) if uniform is None else uniform[i]
                 next_obs, reward, terminated, truncated, _ = env.step(action)
                 online["episode_step"][i] += 1
                 truncated = truncated or self._truncate(online["episode_step"][i])
@@ -544,6 +607,7 @@ class Trainer:
                 self.states, metrics = _online_updates(
                     self.states, buffers, _keys(run.seeds, 4, step), update=self.agent.update,
                     batch_size=run.batch_size, utd_ratio=run.utd_ratio,
+                    dataset=self.dataset if run.balanced_sampling else None,
                 )  # fmt: skip
             for i, done in enumerate(ended):
                 if done:
@@ -572,11 +636,19 @@ class Trainer:
 
 # Compiled once per (agent, shapes, static settings) and shared by every Trainer in a process.
 def _sample_and_update(state, key, data, *, update, batch_size):
+    """One update on a batch from `data`: a dataset or replay buffer, or a pair `(offline
+    dataset, online-only buffer)` for balanced batches (`qam.data.sample_balanced`: the first
+    half offline, the second half online)."""
     sample_key, update_key = jax.random.split(key)
     config = state.config
-    batch = qd.sample_sequence(
-        data, sample_key, batch_size, horizon=config.horizon, discount=config.discount
-    )
+    if isinstance(data, tuple):
+        batch = qd.sample_balanced(
+            *data, sample_key, batch_size, horizon=config.horizon, discount=config.discount
+        )
+    else:
+        batch = qd.sample_sequence(
+            data, sample_key, batch_size, horizon=config.horizon, discount=config.discount
+        )
     return update(state, batch, key=update_key)
 
 
@@ -596,10 +668,23 @@ def _offline_chunk(states, keys, dataset, num_updates, *, update, batch_size):
 
 
 @eqx.filter_jit
-def _online_updates(states, buffers, keys, *, update, batch_size, utd_ratio):
-    """`utd_ratio` updates per seed, each on a batch sampled from that seed's replay buffer."""
-    one = lambda s, b, k: _scan_updates(s, k, b, utd_ratio, update=update, batch_size=batch_size)
+def _online_updates(states, buffers, keys, *, update, batch_size, utd_ratio, dataset=None):
+    """`utd_ratio` updates per seed, each on a batch sampled from that seed's replay buffer,
+    or with `dataset` (balanced sampling) half from `dataset` (shared by the seeds), half from
+    the buffer."""
+
+    def one(s, b, k):
+        data = b if dataset is None else (dataset, b)
+        return _scan_updates(s, k, data, utd_ratio, update=update, batch_size=batch_size)
+
     return eqx.filter_vmap(one)(states, buffers, keys)
+
+
+@eqx.filter_jit
+def _uniform_actions(keys, *, action_dim):
+    """One action per seed, uniform on `[-1, 1]^A`, from that seed's key (random warm-up)."""
+    draw = lambda k: jax.random.uniform(k, (action_dim,), jnp.float32, -1.0, 1.0)
+    return jax.vmap(draw)(keys)
 
 
 @eqx.filter_jit

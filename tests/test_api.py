@@ -97,7 +97,8 @@ def test_no_recompilation_between_calls_with_same_shapes(nets, getkey):
 PUBLIC = [
     "memoryless_sde_sample", "lean_adjoint", "basic_adjoint", "adjoint_matching_loss",
     "flow_matching_loss", "ode_sample", "td_loss", "pessimistic_value", "memoryless_sigma",
-    "time_grid", "SDETrajectory", "TDAux", "VelocityField",
+    "time_grid", "SDETrajectory", "TDAux", "VelocityField", "vp_beta_schedule", "DDPMSchedule",
+    "EpsilonNetwork", "ddpm_noisy_action", "ddpm_step", "ddpm_sample",
 ]  # fmt: skip
 
 

@@ -148,7 +148,8 @@ RUN_FLAGS = {
     "--eval-interval": "3000", "--log-interval": "500", "--checkpoint-interval": "3000",
     "--batch-size": "128", "--start-training": "250", "--utd": "1", "--buffer-size": "None",
     "--max-episode-steps": "None", "--tensorboard": "False", "--wandb": "False",
-    "--progress": "True",
+    "--progress": "True", "--dense-reward-version": "none", "--cube-success-threshold": "0.04",
+    "--balanced-sampling": "False", "--random-warmup": "False",
 }  # fmt: skip
 
 

@@ -12,6 +12,8 @@ chunk = agent.act(state, obs, key=key)
 
 from . import (
     bam as bam,
+    cgql as cgql,
+    ddpm as ddpm,
     dsrl as dsrl,
     fawac as fawac,
     fbrac as fbrac,
@@ -19,12 +21,26 @@ from . import (
     fql as fql,
     ifql as ifql,
     qam as qam,
+    rebrac as rebrac,
+    rlpd as rlpd,
 )
 from ._bptt import ode_bptt_term as ode_bptt_term, sde_bptt_term as sde_bptt_term
 from ._common import (
     flat_chunk as flat_chunk,
     make_optimizer as make_optimizer,
     polyak_update as polyak_update,
+)
+from ._ddpm_terms import (
+    critic_action_gradient as critic_action_gradient,
+    ddpm_actor_term as ddpm_actor_term,
+)
+from ._guidance import (
+    guided_ode_actions as guided_ode_actions,
+    guided_ode_sample as guided_ode_sample,
+    linex_loss as linex_loss,
+    noisy_critic_term as noisy_critic_term,
+    time_conditioned_q as time_conditioned_q,
+    time_conditioned_q_batched as time_conditioned_q_batched,
 )
 from ._interface import (
     Agent as Agent,
@@ -62,11 +78,20 @@ from ._value import (
     expectile_value_term as expectile_value_term,
     value_regression_term as value_regression_term,
 )
+from .cgql import CGQLConfig as CGQLConfig, CGQLParams as CGQLParams
+from .ddpm import DDPMConfig as DDPMConfig, DDPMParams as DDPMParams
 from .dsrl import DSRLConfig as DSRLConfig, DSRLParams as DSRLParams
 from .fawac import FAWACConfig as FAWACConfig, FAWACParams as FAWACParams
 from .fedit import FEditConfig as FEditConfig, FEditParams as FEditParams
 from .ifql import IFQLConfig as IFQLConfig, IFQLParams as IFQLParams
 from .qam import QAMConfig as QAMConfig, QAMParams as QAMParams
+from .rebrac import ReBRACConfig as ReBRACConfig, ReBRACParams as ReBRACParams
+from .rlpd import (
+    TUNED_BC_ALPHA as TUNED_BC_ALPHA,
+    RLPDConfig as RLPDConfig,
+    RLPDParams as RLPDParams,
+    tuned_bc_alpha as tuned_bc_alpha,
+)
 
 
 AGENTS: dict[str, Agent] = {
@@ -82,5 +107,12 @@ AGENTS: dict[str, Agent] = {
         ifql.AGENT,
         fedit.AGENT,
         dsrl.AGENT,
+        rebrac.AGENT,
+        cgql.CGQL,
+        cgql.CGQL_MSE,
+        cgql.CGQL_LINEX,
+        rlpd.AGENT,
+        ddpm.QSM,
+        ddpm.DAC,
     )
 }

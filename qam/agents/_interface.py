@@ -212,6 +212,9 @@ class Agent(NamedTuple):
       or `None` for methods without one.
     - `defaults`: the config fields that make this method out of `config_class` (e.g. a
       variant name); `config(**overrides)` and `paper_config(env_name, **overrides)` apply them.
+    - `run_defaults`: the `qam.train.RunConfig` fields the method's training regime needs
+      (RLPD: `offline_steps=0, balanced_sampling=True, random_warmup=True`), which
+      `examples/offline_to_online.py` applies unless a flag sets them; empty for most methods.
     """
 
     name: str
@@ -221,6 +224,7 @@ class Agent(NamedTuple):
     act: ActFn
     bc_act: ActFn | None = None
     defaults: Mapping[str, Any] = {}
+    run_defaults: Mapping[str, Any] = {}
 
     def config(self, **overrides: Any) -> Any:
         """This method's config: the class defaults, then `defaults`, then `overrides`."""
