@@ -129,6 +129,13 @@ class Job:
     # half of every online batch from the dataset, half from a buffer of online rows only
     balanced_sampling: bool = False
     random_warmup: bool = False  # uniform random single actions before --start-training
+    # a directory of dataset shards (*.npz, *-val.npz ignored; e.g. the 100M datasets), read
+    # instead of --dataset-dir's file, one shard on the device at a time
+    shard_dir: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None
+    dataset_replace_interval: int = 1000  # steps per shard before the next one (--shard-dir)
+    # train on the leading fraction of the data: of the dataset (each shard), and of the shards
+    dataset_proportion: float = 1.0
+    multi_device: bool = True  # spread the seeds over the local devices when there are several
     tensorboard: bool = False  # also log to TensorBoard
     wandb: bool = False  # also log to Weights & Biases
     progress: bool = True  # show a progress bar (steps/s, latest success rate, critic loss)
@@ -261,7 +268,9 @@ def build_configs(job: Job, hyper: Any) -> tuple[RunConfig, Any]:
         buffer_size=job.buffer_size, sparse=sparse, max_episode_steps=job.max_episode_steps,
         balanced_sampling=job.balanced_sampling, random_warmup=job.random_warmup,
         dense_reward_version=None if dense == "none" else dense,
-        cube_success_threshold=job.cube_success_threshold,
+        cube_success_threshold=job.cube_success_threshold, shard_dir=job.shard_dir,
+        dataset_replace_interval=job.dataset_replace_interval,
+        dataset_proportion=job.dataset_proportion, multi_device=job.multi_device,
     )  # fmt: skip
     return run, agent_config
 
@@ -269,7 +278,7 @@ def build_configs(job: Job, hyper: Any) -> tuple[RunConfig, Any]:
 def ensure_demo_dataset(job: Job) -> str | None:
     """For the embedded default (no `--dataset-dir`, default env, no official file), generate
     the demo dataset once into the cache and reuse it; the dataset directory to use."""
-    if job.dataset_dir is not None or job.env != DEFAULT_ENV:
+    if job.dataset_dir is not None or job.env != DEFAULT_ENV or job.shard_dir is not None:
         return job.dataset_dir
     parsed = qd.parse_env_name(job.env)
     official_dir, _ = qd.resolve_dataset_dir(None)

@@ -7,10 +7,14 @@ runs under `eqx.filter_vmap`; each seed has its own environment. All randomness 
 online checkpoint records how far into its episode each environment is, so a resumed run rebuilds
 the environment by replaying that episode's stored actions and ends exactly as an uninterrupted
 run would (bit-identical on CPU).
+
+Sharded (100M-transition) datasets are read one shard at a time and rotated on a fixed
+schedule of steps, and the seeds can be spread over several local devices; see `Trainer`.
 """
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -25,10 +29,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import data as qd
 from ._io import atomic_write_json, atomic_write_with
 from .agents import AGENTS
+from .data._ogbench import ShardHeader, inspect_ogbench_shards, load_ogbench_shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,19 @@ class RunConfig:
     # evaluation; the shaping discount is the agent's `discount`.
     dense_reward_version: str | None = None
     cube_success_threshold: float = 0.04
+    # Sharded datasets (the paper's 100M cube-quadruple and puzzle-4x4 data): a directory of
+    # OGBench `.npz` shards (`*-val.npz` ignored), read instead of `dataset_dir`'s single file,
+    # one shard on the device at a time, the next every `dataset_replace_interval` steps,
+    # offline and online (the exact schedule is in `Trainer`'s docstring).
+    shard_dir: str | None = None
+    dataset_replace_interval: int = 1000  # steps per shard (only with `shard_dir`)
+    # The leading fraction of the data trained on, as the reference applies it: the first
+    # int(p * N) transitions of the dataset (of each shard), and with `shard_dir` only the
+    # first max(1, int(p * #shards)) shards. 1.0: everything.
+    dataset_proportion: float = 1.0
+    # Spread the seeds over the local devices (a 1-D mesh, the seed axis sharded): used when
+    # more than one device is present; see `Trainer`. False: everything on the default device.
+    multi_device: bool = True
 
     def __post_init__(self):
         if self.agent not in AGENTS:
@@ -98,6 +117,24 @@ class RunConfig:
                 f"`max_episode_steps` must be >= 1 or None; got {self.max_episode_steps}."
             )
         qd.check_dense_reward_version(self.dense_reward_version, "`dense_reward_version`")
+        interval = self.dataset_replace_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(
+                f"`dataset_replace_interval` must be an int >= 1 (steps per shard); got "
+                f"{interval!r}."
+            )
+        p = self.dataset_proportion
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 < p <= 1.0:
+            raise ValueError(
+                f"`dataset_proportion` must be a number in (0, 1] (the leading fraction of the "
+                f"data to train on); got {p!r}."
+            )
+        if self.shard_dir is not None and self.dataset_dir is not None:
+            raise ValueError(
+                f"`shard_dir` ({self.shard_dir!r}) and `dataset_dir` ({self.dataset_dir!r}) "
+                "name two datasets; give one: `shard_dir` for a directory of shards, "
+                "`dataset_dir` for the single-file dataset."
+            )
         for name in ("eval_interval", "checkpoint_interval"):
             if getattr(self, name) % self.log_interval:
                 raise ValueError(
@@ -138,7 +175,60 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer:
-    """Runs one `RunConfig` with an agent config; see `examples/offline_to_online.py`."""
+    """Runs one `RunConfig` with an agent config; see `examples/offline_to_online.py`.
+
+    **Steps.** Step `g` is the `g`-th update offline (`0 <= g < offline_steps`) and the
+    `(g - offline_steps)`-th environment step online, counted from 0 over the whole run.
+
+    **Leading fraction** (`dataset_proportion = p`, as the reference's `main.py`): the dataset
+    trained on is the first `int(p * N)` transitions of the loaded dataset (of each shard, see
+    below), in file order; the cut's last transition is marked as an episode end (`terminal =
+    1`, its mask unchanged, i.e. a truncation), so no chunk runs past the cut into the online
+    rows that follow it in the replay buffer (sampling inside the dataset is unchanged by it:
+    a chunk never starts past `N - H`).
+
+    **Sharded datasets** (`shard_dir`; the paper's 100M cube-quadruple and puzzle-4x4 data,
+    horizon-reduction's layout of ~1M-transition `*.npz` files beside `*-val.npz` ones, which
+    are ignored). The shards are the directory's `*.npz` files sorted by name; with `p < 1`
+    only the first `M = max(1, int(p * #shards))` are used (the reference applies `p` to the
+    shard list and to each shard, so about `p**2` of the rows are seen). At start-up every
+    shard's archive directory, array headers and `terminals` are checked
+    (`inspect_ogbench_shards`), so a missing array, a truncated archive or a file of another
+    task fails at once naming the shard; damaged array bytes fail, naming the shard, when it
+    is loaded. Exactly one shard is resident on the device: before step `g` it is shard
+    `(min(g, T - 1) // dataset_replace_interval) % M` (`T` = offline + online steps), i.e. the
+    schedule rotates every `dataset_replace_interval` steps through the offline and the
+    online phase alike, cycling after the last shard. The next shard is loaded right after
+    the step that completes an interval, so offline chunks of `log_interval` updates are split
+    there (each part draws its batches from the key of its own first step) and the resident
+    shard at a checkpoint of step `g` is the one step `g` trains on. Loaded shards get the
+    relabelling, sparse/dense rewards and action clip of single-file datasets. Online, with
+    balanced sampling the offline half of every batch comes from the resident shard;
+    otherwise, as in the reference, the replay buffer's first `N` rows hold the resident
+    shard and are overwritten by the next shard when it is loaded, while the online rows
+    after them are kept, so all used shards must have the same number of transitions
+    (checked at start-up) and no online row may evict them (`buffer_size` None or >= `N +
+    online_steps`). A checkpoint records the shard set (names, sizes, rows, transitions and a
+    fingerprint of the arrays' CRC-32s, all from the files' headers), the proportion, the
+    resident shard's position and the SHA-256 of its arrays as loaded; a resumed run loads
+    the shard of its step (the reference restarts at shard 0) and refuses a changed shard
+    set, naming what changed. Departures from the reference's schedule: its offline loop
+    counts updates from 1 and loads the next shard before update `i` when `i % interval ==
+    0` (so its first shard serves `interval - 1` updates), and its online loop restarts that
+    count at the first online step; here one step count runs through both phases. The action
+    clip `±(1 - 1e-5)` is applied to shards as to single files (the reference skips it on
+    this path).
+
+    **Several devices** (`multi_device`, on by default). With more than one local device and
+    more than one seed, the seeds are spread over a 1-D mesh of `d` devices (axis `seeds`),
+    `d` the largest number of devices (at most all of them) that divides the seed count: the
+    leading seed axis of the agent states, replay buffers and PRNG keys is sharded over it
+    (each device holds `S / d` seeds) and the offline dataset is replicated. When the seeds
+    cannot use every device (more seeds than devices, not a multiple of their number), a
+    warning says how many are used. The computation per seed is unchanged: results equal the
+    single-device run's (bit-identical on CPU; tests/test_multidevice.py). `multi_device=False`
+    keeps everything on the default device.
+    """
 
     def __init__(self, run: RunConfig, agent_config: Any, *, log: Callable[[int, dict, str], None],
                  progress: Callable[[int, dict], None] | None = None):  # fmt: skip
@@ -152,16 +242,24 @@ class Trainer:
         self.dense_reward = qd.dense_reward_options(
             run.dense_reward_version, run.cube_success_threshold, discount=agent_config.discount
         )
-        self.data = qd.load_ogbench(
-            run.env_name, dataset_dir=run.dataset_dir, sparse=run.sparse, load_val=False,
-            **self.dense_reward,
-        )  # fmt: skip
-        self.dataset = self.data.train
-        if run.balanced_sampling and self.dataset.size == 0:
-            raise ValueError(
-                "`balanced_sampling=True` draws half of every batch from the offline dataset, "
-                "but the dataset is empty (0 transitions); train without it or load data."
-            )
+        self.num_seeds = len(run.seeds)
+        self.mesh = _seed_mesh(run.multi_device, self.num_seeds)
+        # `shards`: the shards trained on (all of `shard_headers` when p = 1); None: one file.
+        self.shard_headers: list[ShardHeader] | None = None
+        self.shards: list[ShardHeader] | None = None
+        self.shard_index: int | None = None
+        self.dataset: qd.Dataset  # the resident dataset (shard), replicated over the mesh
+        self.data: qd.OGBenchData  # its environment and `DatasetInfo`
+        if run.shard_dir is None:
+            data = qd.load_ogbench(
+                run.env_name, dataset_dir=run.dataset_dir, sparse=run.sparse, load_val=False,
+                **self.dense_reward,
+            )  # fmt: skip
+            self.dataset = self._replicate(_leading_fraction(data.train, run.dataset_proportion))
+            self.data = data._replace(train=self.dataset)  # `data.train` is what is trained on
+            self._check_dataset(self.dataset, "the dataset")
+        else:
+            self._open_shards()
         capacity = self.buffer_capacity()
         if run.balanced_sampling and run.online_steps and capacity < agent_config.horizon:
             raise ValueError(
@@ -169,28 +267,138 @@ class Trainer:
                 f"and its capacity (`buffer_size`, or `online_steps` when None) must be >= the "
                 f"action chunk length `horizon={agent_config.horizon}`; got {capacity}."
             )
-        if self.dataset.size < agent_config.horizon:
-            raise ValueError(
-                f"the dataset has {self.dataset.size} transitions, fewer than the action chunk "
-                f"length `horizon={agent_config.horizon}`."
-            )
-        ends = np.flatnonzero(np.asarray(self.dataset.terminals))
-        longest = int(np.max(np.diff(np.concatenate([[-1], ends])), initial=0))
-        if ends.size and longest < agent_config.horizon:
-            raise ValueError(
-                f"every episode of the dataset is shorter than the action chunk length "
-                f"`horizon={agent_config.horizon}` (the longest has {longest} steps), so every "
-                "chunk crosses an episode end and no TD target would be valid; lower `horizon`."
-            )
         self.sparse = self.data.info.sparse
         self.action_dim = self.dataset.action_dim
-        self.num_seeds = len(run.seeds)
         obs_example = self.dataset.observations[0].astype(jnp.float32)
         action_example = jnp.zeros((self.action_dim,), jnp.float32)
-        self.states = eqx.filter_vmap(
+        self.states = self._place(eqx.filter_vmap(
             lambda k: self.agent.init(k, obs_example, action_example, agent_config)
-        )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds]))
+        )(jnp.stack([jax.random.PRNGKey(s) for s in run.seeds])))  # fmt: skip
         self._read_latest()  # refuse a mismatched earlier run before anything is written
+
+    def _check_dataset(self, dataset: Any, what: str) -> None:
+        """Refuse a dataset (or shard, `what` naming it) that cannot give one valid chunk."""
+        horizon = self.config.horizon
+        if self.run.balanced_sampling and dataset.size == 0:
+            raise ValueError(
+                "`balanced_sampling=True` draws half of every batch from the offline dataset, "
+                "but the dataset is empty (0 transitions); train without it or load data."
+            )
+        if dataset.size < horizon:
+            raise ValueError(
+                f"{what} has {dataset.size} transitions, fewer than the action chunk "
+                f"length `horizon={horizon}`."
+            )
+        ends = np.flatnonzero(np.asarray(dataset.terminals))
+        longest = int(np.max(np.diff(np.concatenate([[-1], ends])), initial=0))
+        if ends.size and longest < horizon:
+            raise ValueError(
+                f"every episode of {what} is shorter than the action chunk length "
+                f"`horizon={horizon}` (the longest has {longest} steps), so every "
+                "chunk crosses an episode end and no TD target would be valid; lower `horizon`."
+            )
+
+    # ----------------------------------------------------------------- shards and devices
+    def _open_shards(self) -> None:
+        """Check every shard's header, choose the shards trained on, and load the one the run
+        starts (or resumes) at."""
+        run = self.run
+        assert run.shard_dir is not None
+        env = qd.make_env(run.env_name, **self.dense_reward)  # relabels every shard
+        self.data = qd.OGBenchData(env=env, train=None, val=None, info=None)  # pyright: ignore
+        headers = inspect_ogbench_shards(run.env_name, run.shard_dir, env=env)
+        self.shard_headers = headers
+        self.shards = headers[: max(1, int(run.dataset_proportion * len(headers)))]
+        if not run.balanced_sampling and run.online_steps > 0:
+            kept = {h.name: int(h.transitions * run.dataset_proportion) for h in self.shards}
+            if len(set(kept.values())) > 1:
+                listing = ", ".join(f"{name}: {n}" for name, n in kept.items())
+                raise ValueError(
+                    f"the shards in {run.shard_dir} hold different numbers of transitions "
+                    f"(after `dataset_proportion`: {listing}); online, the replay buffer's "
+                    "first rows hold the resident shard and each next shard overwrites them, "
+                    "so every shard must have the same size. Use equal shards, or "
+                    "`balanced_sampling=True` (the offline half of each batch is drawn from the "
+                    "resident shard directly)."
+                )
+            n = next(iter(kept.values()))
+            if run.buffer_size is not None and run.buffer_size < n + run.online_steps:
+                raise ValueError(
+                    f"with `shard_dir` the replay buffer's first {n} rows hold the resident "
+                    f"shard, replaced on every rotation, so no online row may overwrite them: "
+                    f"`buffer_size` must be None or >= {n} + online_steps = "
+                    f"{n + run.online_steps}; got {run.buffer_size}."
+                )
+        record = usable_checkpoint(run.out_dir)
+        self._rotate(0 if record is None else int(record["step"]))
+
+    def _shard_position(self, step: int) -> int:
+        """The index (into `shards`) of the shard resident before step `step`."""
+        assert self.shards is not None
+        total = self.run.offline_steps + self.run.online_steps
+        return (min(step, max(total - 1, 0)) // self.run.dataset_replace_interval) % len(
+            self.shards
+        )
+
+    def _next_rotation(self, step: int) -> int | float:
+        """The first step after `step` at which another shard becomes resident (inf if none)."""
+        if self.shards is None or len(self.shards) == 1:
+            return float("inf")
+        interval = self.run.dataset_replace_interval
+        return (step // interval + 1) * interval
+
+    def _rotate(self, step: int) -> bool:
+        """Make the shard of step `step` resident (loading it if another one is); True if it
+        was loaded. A no-op without shards."""
+        if self.shards is None:
+            return False
+        index = self._shard_position(step)
+        if index == self.shard_index:
+            return False
+        header = self.shards[index]
+        # Drop the resident shard first: one shard on the device at a time.
+        self.dataset = None  # pyright: ignore[reportAttributeAccessIssue]
+        self.data = self.data._replace(train=None)  # pyright: ignore[reportArgumentType]
+        self._dataset_sha256 = None
+        dataset, info = load_ogbench_shard(
+            self.run.env_name, header.path, env=self.data.env, sparse=self.run.sparse,
+            shard_index=index, num_shards=len(self.shards), **self.dense_reward,
+        )  # fmt: skip
+        if dataset.size != header.transitions:
+            raise qd.DatasetFileError(
+                f"OGBench dataset shard {header.path} holds {dataset.size} transitions, but "
+                f"{header.transitions} at start-up: the file changed during the run."
+            )
+        dataset = self._replicate(_leading_fraction(dataset, self.run.dataset_proportion))
+        self._check_dataset(dataset, f"the dataset shard {header.name}")
+        self.dataset = dataset
+        self.data = self.data._replace(train=dataset, info=info)
+        self.shard_index = index
+        return True
+
+    @property
+    def devices(self) -> list[Any]:
+        """The devices the seeds run on (one without a mesh)."""
+        if self.mesh is None:
+            return [jax.local_devices()[0]]
+        return list(self.mesh.devices.flat)
+
+    def _place(self, tree: Any) -> Any:
+        """`tree` (leading seed axis on every array) sharded over the mesh's seed axis."""
+        if self.mesh is None:
+            return tree
+        sharding = NamedSharding(self.mesh, PartitionSpec("seeds"))
+        return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+
+    def _replicate(self, tree: Any) -> Any:
+        """`tree` replicated on every device of the mesh (the offline dataset)."""
+        if self.mesh is None:
+            return tree
+        sharding = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+
+    def _seed_keys(self, stream: int, *path: int) -> jax.Array:
+        return self._place(_keys(self.run.seeds, stream, *path))
 
     def close(self) -> None:
         """Close the environments this trainer made (evaluation and the dataset's); each
@@ -267,7 +475,7 @@ class Trainer:
             t = 0
             while not done.all():
                 if any(not q for q, d in zip(queues, done) if not d):
-                    keys = _keys(run.seeds, stream, step, episode, t)
+                    keys = self._seed_keys(stream, step, episode, t)
                     chunks = np.asarray(_act_all(states, jnp.asarray(obs), keys, act=act))
                     for i, q in enumerate(queues):
                         if not q:
@@ -315,17 +523,31 @@ class Trainer:
 
     def dataset_reference(self) -> dict[str, Any]:
         """What a checkpoint records of the offline dataset instead of a copy of it: the files
-        it was read from and the SHA-256 of the arrays as loaded (after relabelling and the
-        transforms), which a resumed run must reproduce."""
-        if not hasattr(self, "_dataset_sha256"):
+        it was read from and the SHA-256 of the arrays as loaded (after relabelling, the
+        transforms and `dataset_proportion`), which a resumed run must reproduce.
+
+        With `shard_dir`: `shards`, every shard of the directory (name, bytes, rows,
+        transitions, fingerprint: what `inspect_ogbench_shards` reads from the headers),
+        `used` (how many are trained on), `proportion`, `position` (index and name of the
+        resident shard) and `rows` / `sha256` of the resident shard as loaded."""
+        if getattr(self, "_dataset_sha256", None) is None:
             digest = hashlib.sha256()
             for leaf in jax.tree.leaves(self.dataset):
                 array = np.ascontiguousarray(np.asarray(leaf))
                 digest.update(f"{array.dtype}{array.shape}".encode())
                 digest.update(array.tobytes())
             self._dataset_sha256 = digest.hexdigest()
-        files = [{"path": f["path"], "bytes": f["bytes"]} for f in self.data.info.files]
-        return {"files": files, "rows": self.dataset.size, "sha256": self._dataset_sha256}
+        if self.shards is None:
+            files = [{"path": f["path"], "bytes": f["bytes"]} for f in self.data.info.files]
+            return {"files": files, "rows": self.dataset.size, "sha256": self._dataset_sha256}
+        assert self.shard_headers is not None and self.shard_index is not None
+        return {
+            "shard_dir": os.path.abspath(os.path.expanduser(str(self.run.shard_dir))),
+            "shards": [h.to_dict() for h in self.shard_headers], "used": len(self.shards),
+            "proportion": self.run.dataset_proportion,
+            "position": {"index": self.shard_index, "name": self.shards[self.shard_index].name},
+            "rows": self.dataset.size, "sha256": self._dataset_sha256,
+        }  # fmt: skip
 
     def _buffer_start(self) -> int:
         """The row the ring writes its first online transition to: N after the offline rows,
@@ -401,7 +623,15 @@ class Trainer:
                 f"  checkpoint: {meta.get('run')}\n"
                 f"  this run:   {_run_signature(self.run, self.config)}"
             )
+        self._rotate(int(meta["step"]))  # the shard the checkpoint's step trains on
         saved, current = meta.get("dataset"), self.dataset_reference()
+        change = None if saved is None else _shard_change(saved, current)
+        if change is not None:
+            raise ValueError(
+                f"the offline dataset changed since the checkpoint in {directory} was written: "
+                f"{change}. Restore the shards to resume, or start a new run with another "
+                "`--out`."
+            )
         if saved is not None and saved["sha256"] != current["sha256"]:
             paths = ", ".join(f["path"] for f in saved["files"]) or "?"
             raise ValueError(
@@ -429,7 +659,8 @@ class Trainer:
             )
         path = os.path.join(directory, meta["file"])
         try:
-            self.states, rows = eqx.tree_deserialise_leaves(path, (self.states, rows_like))
+            states, rows = eqx.tree_deserialise_leaves(path, (self.states, rows_like))
+            self.states = self._place(states)
         except Exception as error:  # intact by its hash, but not this run's structure
             raise ValueError(
                 f"checkpoint file {path} does not hold this run's agent states ({error}); use "
@@ -447,9 +678,9 @@ class Trainer:
             size = jnp.full(seeds, min(start + written, capacity), jnp.int32)
             insert = jnp.full(seeds, (start + written) % capacity, jnp.int32)
             # tree_at, not the constructor: the buffers carry a leading seed axis.
-            buffers = eqx.tree_at(
+            buffers = self._place(eqx.tree_at(
                 lambda b: (b.data, b.size, b.insert_index), buffers, (data, size, insert)
-            )
+            ))  # fmt: skip
         return meta, buffers
 
     def _new_buffers(self) -> Any:
@@ -460,7 +691,9 @@ class Trainer:
             )  # fmt: skip
         else:
             one = qd.replay_buffer_from_dataset(self.dataset, capacity=self.buffer_capacity())
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_seeds, *x.shape)), one)
+        return self._place(
+            jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_seeds, *x.shape)), one)
+        )
 
     def _wall_time(self, meta: dict[str, Any]) -> float:
         """Seconds spent on this run: earlier sessions' (up to their last checkpoint) plus
@@ -494,14 +727,18 @@ class Trainer:
             final = step in (offline_end, offline_end + run.online_steps)
             bc = step == offline_end and self.agent.bc_act is not None
             self._maybe_eval(step, meta, final=final, bc=bc)
-        # Offline: `log_interval` updates per jitted call.
+        # Offline: `log_interval` updates per jitted call (split where the next shard is due).
         while step < offline_end:
-            n = min(run.log_interval, offline_end - step)
-            self.states, metrics = _offline_chunk(
-                self.states, _keys(run.seeds, 0, step), self.dataset, n,
-                update=self.agent.update, batch_size=run.batch_size,
-            )  # fmt: skip
-            step += n
+            end = min(step + run.log_interval, offline_end)
+            metrics: Any = None
+            while step < end:
+                n = int(min(end, self._next_rotation(step))) - step
+                self.states, metrics = _offline_chunk(
+                    self.states, self._seed_keys(0, step), self.dataset, n,
+                    update=self.agent.update, batch_size=run.batch_size,
+                )  # fmt: skip
+                step += n
+                self._rotate(step)
             metrics = _to_host(metrics)
             _check_finite(metrics, step, getattr(self, "_record_step", None))
             self.log(step, metrics, "train")
@@ -576,10 +813,10 @@ class Trainer:
             uniform = None
             if warmup:  # one uniform action per env step (not a chunk); the queues stay empty
                 uniform = np.asarray(
-                    _uniform_actions(_keys(run.seeds, 5, step), action_dim=self.action_dim)
+                    _uniform_actions(self._seed_keys(5, step), action_dim=self.action_dim)
                 )
             elif any(not q for q in queues):
-                keys = _keys(run.seeds, 1, step)
+                keys = self._seed_keys(1, step)
                 chunks = np.asarray(
                     _act_all(self.states, jnp.asarray(np.stack(obs)), keys, act=self.agent.act)
                 )
@@ -605,7 +842,7 @@ class Trainer:
             buffers = _add_all(buffers, stacked)
             if t >= run.start_training:
                 self.states, metrics = _online_updates(
-                    self.states, buffers, _keys(run.seeds, 4, step), update=self.agent.update,
+                    self.states, buffers, self._seed_keys(4, step), update=self.agent.update,
                     batch_size=run.batch_size, utd_ratio=run.utd_ratio,
                     dataset=self.dataset if run.balanced_sampling else None,
                 )  # fmt: skip
@@ -618,6 +855,8 @@ class Trainer:
                         seed=_episode_seed(run.seeds[i], online["episode"][i])
                     )
             step += 1
+            if self._rotate(step) and not run.balanced_sampling:
+                buffers = _replace_offline_rows(buffers, self.dataset)
             if metrics is not None and (
                 (step - offline_end) % run.log_interval == 0 or step == total
             ):
@@ -698,6 +937,103 @@ def _add_all(buffers, transitions):
     instead of copying every buffer (hundreds of MB at the default capacity) on each step; the
     caller must not use the old `buffers` afterwards."""
     return eqx.filter_vmap(qd.add_transition)(buffers, transitions)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _replace_offline_rows(buffers, dataset):
+    """Every seed's replay buffer with its first `N` rows (the offline rows) replaced by
+    `dataset`'s `N` rows (the next shard); the online rows after them, `size` and
+    `insert_index` are unchanged. The buffers are donated (written in place)."""
+    data = jax.tree.map(
+        lambda b, d: b.at[:, : d.shape[0]].set(jnp.broadcast_to(d, (b.shape[0], *d.shape))),
+        buffers.data, dataset,
+    )  # fmt: skip
+    return eqx.tree_at(lambda b: b.data, buffers, data)
+
+
+def _leading_fraction(dataset: Any, proportion: float) -> Any:
+    """The first `int(proportion * N)` transitions of `dataset`, the last of them marked as an
+    episode end (`terminal = 1`, mask unchanged); `dataset` itself when `proportion == 1`."""
+    if proportion == 1.0:
+        return dataset
+    n = int(proportion * dataset.size)
+    if n < 1:
+        raise ValueError(
+            f"`dataset_proportion={proportion}` keeps int({proportion} * {dataset.size}) = 0 "
+            "transitions of the dataset; raise it."
+        )
+    cut = jax.tree.map(lambda x: x[:n], dataset)
+    return eqx.tree_at(lambda d: d.terminals, cut, cut.terminals.at[n - 1].set(1.0))
+
+
+def _seed_mesh(multi_device: bool, num_seeds: int) -> Mesh | None:
+    """The 1-D mesh (axis `seeds`) the seeds are sharded over, or None for one device: the
+    first `d` local devices, `d` the largest divisor of the seed count that is at most the
+    number of devices; a warning when that leaves devices unused with at least as many seeds
+    as devices."""
+    devices = jax.local_devices()
+    if not multi_device or len(devices) < 2 or num_seeds < 2:
+        return None
+    d = max(k for k in range(1, min(num_seeds, len(devices)) + 1) if num_seeds % k == 0)
+    if d < len(devices) and num_seeds >= len(devices):
+        warnings.warn(
+            f"{num_seeds} seeds run on {d} of the {len(devices)} local devices (each device "
+            f"holds the same number of seeds, so the count must divide evenly); train a "
+            f"multiple of {len(devices)} seeds to use them all, or set `multi_device=False` "
+            "(`--no-multi-device`) for one device.",
+            stacklevel=3,
+        )
+    if d == 1:
+        return None
+    return Mesh(np.array(devices[:d]), ("seeds",))
+
+
+def _shard_change(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How the sharded dataset of a checkpoint's record differs from this run's, or None
+    (also when neither is sharded: the single-file check follows)."""
+    if "shards" not in saved and "shards" not in current:
+        return None
+    if "shards" not in current:
+        return (
+            f"it was trained on the shards in {saved.get('shard_dir')}, this run reads one "
+            "file (`dataset_dir`); give the same `shard_dir`"
+        )
+    if "shards" not in saved:
+        paths = ", ".join(f["path"] for f in saved.get("files", [])) or "?"
+        return f"it was trained on {paths}, this run reads the shards in {current['shard_dir']}"
+    old = {s["name"]: s for s in saved["shards"]}
+    new = {s["name"]: s for s in current["shards"]}
+    problems = []
+    missing = [n for n in old if n not in new]
+    added = [n for n in new if n not in old]
+    if missing:
+        problems.append(f"shard(s) {', '.join(missing)} are missing")
+    if added:
+        problems.append(f"shard(s) {', '.join(added)} are new")
+    for name in (n for n in old if n in new):
+        diff = [f"{k} {old[name][k]} -> {new[name][k]}"
+                for k in ("bytes", "rows", "transitions", "fingerprint")
+                if old[name].get(k) != new[name].get(k)]  # fmt: skip
+        if diff:
+            problems.append(f"shard {name} changed ({', '.join(diff)})")
+    if problems:
+        return (
+            f"the shard set in {current['shard_dir']} is not the one of the checkpoint ("
+            + "; ".join(problems)
+            + ")"
+        )
+    if saved.get("used") != current["used"] or saved.get("position") != current["position"]:
+        return (
+            f"the checkpoint's step trains on {saved.get('position')} of {saved.get('used')} "
+            f"shards, this run on {current['position']} of {current['used']}"
+        )
+    if saved.get("sha256") != current["sha256"]:
+        return (
+            f"shard {current['position']['name']} loads differently (sha256 "
+            f"{saved.get('sha256')} then, {current['sha256']} now: relabelling or transforms "
+            "changed)"
+        )
+    return None
 
 
 def _checkpoint_paths(out_dir: str) -> tuple[str, str]:
@@ -834,7 +1170,17 @@ def _check_finite(metrics: dict[str, np.ndarray], step: int, saved: int | None) 
 
 
 def _run_signature(run: RunConfig, config: Any) -> dict[str, Any]:
-    keep = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("out_dir", "dataset_dir")}
+    """The settings a resumed run must share with its checkpoint: every field except where
+    the data and output live (the dataset is checked by its reference) and `multi_device`
+    (results do not depend on it); `dataset_replace_interval` only with `shard_dir`, and
+    `dataset_proportion` only when below 1 (so checkpoints written before these fields
+    existed still resume)."""
+    skip = {"out_dir", "dataset_dir", "shard_dir", "multi_device"}
+    if run.shard_dir is None:
+        skip.add("dataset_replace_interval")
+    if run.dataset_proportion == 1.0:
+        skip.add("dataset_proportion")
+    keep = {k: v for k, v in dataclasses.asdict(run).items() if k not in skip}
     return json.loads(json.dumps({"run": keep, "agent": dataclasses.asdict(config)}))
 
 

@@ -149,7 +149,8 @@ RUN_FLAGS = {
     "--batch-size": "128", "--start-training": "250", "--utd": "1", "--buffer-size": "None",
     "--max-episode-steps": "None", "--tensorboard": "False", "--wandb": "False",
     "--progress": "True", "--dense-reward-version": "none", "--cube-success-threshold": "0.04",
-    "--balanced-sampling": "False", "--random-warmup": "False",
+    "--balanced-sampling": "False", "--random-warmup": "False", "--shard-dir": "None",
+    "--dataset-replace-interval": "1000", "--dataset-proportion": "1.0", "--multi-device": "True",
 }  # fmt: skip
 
 

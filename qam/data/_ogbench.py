@@ -3,6 +3,7 @@
 import dataclasses
 import datetime
 import glob
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -802,3 +803,173 @@ def _shard_iterator(env_name, parsed, shards, directory, sparse, action_clip_eps
             del dataset
         if not cycle:
             return
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardHeader:
+    """What [`qam.data._ogbench.inspect_ogbench_shards`][] reads of one shard file without
+    loading its arrays (only `terminals` is read in full).
+
+    - `path`, `name` (the file name), `bytes` (the file size);
+    - `rows`: rows in the file; `transitions`: rows of the regular format, i.e. rows that are
+      not an episode's last (`terminals == 0`), the size of the loaded [`qam.data.Dataset`][];
+    - `fingerprint`: SHA-256 over every member's (name, CRC-32, uncompressed size) from the
+      zip's central directory: a change to any array's bytes changes it, and computing it
+      reads only the end of the file.
+    """
+
+    path: str
+    name: str
+    bytes: int
+    rows: int
+    transitions: int
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes": self.bytes, "rows": self.rows,
+                "transitions": self.transitions, "fingerprint": self.fingerprint}  # fmt: skip
+
+
+def _shard_error(path: str, why: str) -> DatasetFileError:
+    return DatasetFileError(
+        f"OGBench dataset shard {path} {why}. Copy the shard in again (or remove it and start "
+        "a new run without it)."
+    )
+
+
+def inspect_ogbench_shards(
+    env_name: str, shard_dir: str | os.PathLike, *, env: Any = None
+) -> list[ShardHeader]:
+    """Check every shard of a sharded dataset directory cheaply, before training: each
+    `*.npz` (not `-val.npz`, sorted by name, see [`qam.data.list_shards`][]) must be a
+    readable zip archive holding `observations`, `actions`, `terminals` and `qpos` (OGBench's
+    single-task relabelling needs it) with one leading size, OGBench's dtypes (float or, for
+    visual tasks, uint8 observations; float actions), per-row shapes that fit `env_name`'s
+    environment (`env`, or a cached one when `None`), and `terminals` marking at least one
+    episode end, on the last row among them. Only the archive's directory, the arrays'
+    headers and `terminals` are read; the other arrays' bytes are checked (by their CRC-32)
+    when the shard is loaded.
+
+    **Returns:** one [`qam.data._ogbench.ShardHeader`][] per shard, in order.
+
+    **Raises:** [`qam.data.DatasetNotFoundError`][] if the directory is missing or holds no
+    shard; [`qam.data.DatasetFileError`][] naming the first shard that fails a check.
+    """
+    parsed = parse_env_name(env_name)
+    directory = os.path.abspath(os.path.expanduser(os.fspath(shard_dir)))
+    paths = list_shards(directory) if os.path.isdir(directory) else []
+    if not paths:
+        raise DatasetNotFoundError(
+            f"No OGBench dataset shards (*.npz, excluding *-val.npz) found in {directory}"
+            f"{'' if os.path.isdir(directory) else ' (no such directory)'}. qam never downloads "
+            "datasets: place the shard files there by hand (the 100M-transition datasets are "
+            "directories of .npz shards; see OGBench's and horizon-reduction's READMEs)."
+        )
+    env = _relabel_env(env_name) if env is None else env
+    with warnings.catch_warnings():  # OGBench builds its float64 boxes on each access
+        warnings.filterwarnings("ignore", message=CAST_WARNING)
+        expected = {"observations": tuple(env.observation_space.shape),
+                    "actions": tuple(env.action_space.shape)}  # fmt: skip
+    visual = "visual" in parsed.env_id
+    return [_inspect_shard(path, expected, visual) for path in paths]
+
+
+def _inspect_shard(path: str, expected: dict[str, tuple], visual: bool) -> ShardHeader:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise _shard_error(path, f"is not a readable .npz archive, truncated or corrupt "
+                           f"({type(error).__name__}: {error})") from error  # fmt: skip
+    with archive:
+        infos = archive.infolist()
+        names = {i.filename.removesuffix(".npy") for i in infos}
+        missing = [k for k in ("observations", "actions", "terminals", "qpos") if k not in names]
+        if missing:
+            raise _shard_error(
+                path, f"has no {', '.join(missing)} array(s) (it holds {sorted(names)}); an "
+                "OGBench file holds observations, actions, terminals, qpos"
+            )  # fmt: skip
+        try:
+            headers = {k: _member_header(archive, k)
+                       for k in ("observations", "actions", "terminals", "qpos")}  # fmt: skip
+            with archive.open("terminals.npy") as f:
+                terminals = np.lib.format.read_array(f)
+        except Exception as error:  # zlib.error, BadZipFile (CRC), ValueError (header)
+            raise _shard_error(
+                path, f"has a damaged array ({type(error).__name__}: {error})"
+            ) from error
+    rows = {k: (shape[0] if shape else None) for k, (shape, _) in headers.items()}
+    if len(set(rows.values())) != 1:
+        raise _shard_error(path, f"has arrays of different lengths {rows}")
+    (obs_shape, obs_dtype), (act_shape, act_dtype) = headers["observations"], headers["actions"]
+    obs_ok = obs_dtype == np.uint8 if visual else np.issubdtype(obs_dtype, np.floating)
+    if not obs_ok or not np.issubdtype(act_dtype, np.floating):
+        raise _shard_error(
+            path, f"has {obs_dtype} observations and {act_dtype} actions, expected "
+            f"{'uint8' if visual else 'floating-point'} and floating-point ones"
+        )  # fmt: skip
+    for key, shape in (("observations", obs_shape), ("actions", act_shape)):
+        if tuple(shape[1:]) != expected[key]:
+            raise _shard_error(
+                path, f"does not fit the environment: its {key} have shape "
+                f"{tuple(shape[1:])} per row, the environment's are {expected[key]}"
+            )  # fmt: skip
+    if terminals.size == 0 or not np.any(terminals) or not terminals[-1]:
+        raise _shard_error(
+            path, f"has `terminals` marking {int(np.count_nonzero(terminals))} episode ends "
+            f"over {terminals.size} rows, expected the last row of every episode, the final "
+            "row included"
+        )  # fmt: skip
+    digest = hashlib.sha256()
+    for info in sorted(infos, key=lambda i: i.filename):
+        digest.update(f"{info.filename}:{info.CRC:08x}:{info.file_size};".encode())
+    return ShardHeader(
+        path=path, name=os.path.basename(path), bytes=os.path.getsize(path),
+        rows=int(terminals.size), transitions=int(np.count_nonzero(terminals == 0)),
+        fingerprint=digest.hexdigest(),
+    )  # fmt: skip
+
+
+def load_ogbench_shard(
+    env_name: str,
+    path: str | os.PathLike,
+    *,
+    env: Any,
+    sparse: bool | None = None,
+    action_clip_eps: float | None | str = "default",
+    dense_reward_version: str | None = None,
+    cube_success_threshold: float | None = None,
+    dense_reward_config: DenseRewardConfig | None = None,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+) -> tuple[Dataset, DatasetInfo]:
+    """Load one shard file as [`qam.data.load_ogbench`][] loads a dataset file: OGBench's
+    regular format, the task's single-task relabelling through `env` (the task's
+    environment, e.g. from [`qam.data.make_env`][] with the same dense-reward options),
+    then the dense reward, sparse transform and action clip, on the device.
+
+    **Returns:** `(dataset, info)`, `info.files` naming this shard and `info.shard_index` /
+    `info.num_shards` as given.
+
+    **Raises:** [`qam.data.DatasetFileError`][] naming the shard if it is corrupt or does not
+    fit the environment; `ValueError` for bad dense-reward options, as `load_ogbench`.
+    """
+    parsed = parse_env_name(env_name)
+    dense = _resolve_dense(
+        env_name, dense_reward_version, cube_success_threshold, dense_reward_config
+    )
+    sparse, clip = _resolve_transforms(env_name, sparse, action_clip_eps)
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"OGBench dataset shard not found: {path}")
+    raw = _load_file(path, parsed)
+    _check_matches_env(raw, env, path, env_name)
+    raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=clip, dense=dense)
+    dataset = dataset_from_numpy(raw, name=os.path.basename(path))
+    del raw
+    info = _dataset_info(
+        env_name, parsed, sparse, clip, os.path.dirname(path), "shard_dir argument", [path],
+        dense=dense, num_train=dataset.size, num_val=0, shard_index=shard_index,
+        num_shards=num_shards,
+    )  # fmt: skip
+    return dataset, info
