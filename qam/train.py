@@ -306,6 +306,15 @@ class Trainer:
         assert run.shard_dir is not None
         env = qd.make_env(run.env_name, **self.dense_reward)  # relabels every shard
         self.data = qd.OGBenchData(env=env, train=None, val=None, info=None)  # pyright: ignore
+        try:
+            self._choose_shards(env)
+        except BaseException:
+            env.close()
+            raise
+
+    def _choose_shards(self, env: Any) -> None:
+        run = self.run
+        assert run.shard_dir is not None
         headers = inspect_ogbench_shards(run.env_name, run.shard_dir, env=env)
         self.shard_headers = headers
         self.shards = headers[: max(1, int(run.dataset_proportion * len(headers)))]

@@ -874,19 +874,20 @@ def inspect_ogbench_shards(
     return [_inspect_shard(path, expected, visual) for path in paths]
 
 
-def _inspect_shard(path: str, expected: dict[str, tuple], visual: bool) -> ShardHeader:
+def _read_shard_headers(path: str, fh: Any) -> tuple[list[zipfile.ZipInfo], dict, np.ndarray]:
+    """The archive's members, the headers of the arrays OGBench reads, and `terminals`."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(fh)
     except (zipfile.BadZipFile, OSError) as error:
         raise _shard_error(path, f"is not a readable .npz archive, truncated or corrupt "
-                           f"({type(error).__name__}: {error})") from error  # fmt: skip
+                           f"({type(error).__name__}: {error})") from None  # fmt: skip
     with archive:
         infos = archive.infolist()
         names = {i.filename.removesuffix(".npy") for i in infos}
         missing = [k for k in ("observations", "actions", "terminals", "qpos") if k not in names]
         if missing:
             raise _shard_error(
-                path, f"has no {', '.join(missing)} array(s) (it holds {sorted(names)}); an "
+                path, f"has no {', '.join(missing)} array (it holds {sorted(names)}); an "
                 "OGBench file holds observations, actions, terminals, qpos"
             )  # fmt: skip
         try:
@@ -897,7 +898,13 @@ def _inspect_shard(path: str, expected: dict[str, tuple], visual: bool) -> Shard
         except Exception as error:  # zlib.error, BadZipFile (CRC), ValueError (header)
             raise _shard_error(
                 path, f"has a damaged array ({type(error).__name__}: {error})"
-            ) from error
+            ) from None
+    return infos, headers, terminals
+
+
+def _inspect_shard(path: str, expected: dict[str, tuple], visual: bool) -> ShardHeader:
+    with open(path, "rb") as fh:  # closed even when the archive turns out to be damaged
+        infos, headers, terminals = _read_shard_headers(path, fh)
     rows = {k: (shape[0] if shape else None) for k, (shape, _) in headers.items()}
     if len(set(rows.values())) != 1:
         raise _shard_error(path, f"has arrays of different lengths {rows}")
