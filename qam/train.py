@@ -225,9 +225,13 @@ class Trainer:
     leading seed axis of the agent states, replay buffers and PRNG keys is sharded over it
     (each device holds `S / d` seeds) and the offline dataset is replicated. When the seeds
     cannot use every device (more seeds than devices, not a multiple of their number), a
-    warning says how many are used. The computation per seed is unchanged: results equal the
-    single-device run's (bit-identical on CPU; tests/test_multidevice.py). `multi_device=False`
-    keeps everything on the default device.
+    warning says how many are used. Every seed computes the same mathematics with the same
+    keys, but XLA compiles the per-device program for `S / d` seeds instead of `S` and may
+    lower its dots differently (e.g. dropping a unit batch dimension), so float32 sums can be
+    accumulated in another order: results agree with the single-device run's to rounding,
+    not bit for bit (on CPU after 16 updates, within a few dozen ulps of each array's
+    magnitude; tests/test_multidevice.py). Resume stays bit-identical on the same devices.
+    `multi_device=False` keeps everything on the default device.
     """
 
     def __init__(self, run: RunConfig, agent_config: Any, *, log: Callable[[int, dict, str], None],
@@ -1181,7 +1185,8 @@ def _check_finite(metrics: dict[str, np.ndarray], step: int, saved: int | None) 
 def _run_signature(run: RunConfig, config: Any) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint: every field except where
     the data and output live (the dataset is checked by its reference) and `multi_device`
-    (results do not depend on it); `dataset_replace_interval` only with `shard_dir`, and
+    (a run may resume on other devices; results then continue up to float32 rounding);
+    `dataset_replace_interval` only with `shard_dir`, and
     `dataset_proportion` only when below 1 (so checkpoints written before these fields
     existed still resume)."""
     skip = {"out_dir", "dataset_dir", "shard_dir", "multi_device"}
