@@ -8,8 +8,9 @@ the `noisy` / `stitch` datasets take their `play` / `navigate` domain's), applie
 overrides where the setting exists, and checks the result with the job's own checks. The
 identity of a run is the SHA-256 of the canonical JSON (sorted keys, no whitespace, tuples as
 lists, floats as Python's shortest round-trip repr) of every setting that changes what is
-computed: the job's fields except where files go (`out`, `dataset_dir`) and how progress is
-shown (`progress`, `tensorboard`, `wandb`), and the agent config's class name and fields. It is
+computed: the job's fields except where files go (`out`, `dataset_dir`, `shard_dir`) and how
+progress is shown (`progress`, `tensorboard`, `wandb`), and the agent config's class name and
+fields. It is
 the same in every process and on every machine, and any changed setting changes it.
 
 The command line passes every one of those settings explicitly (on the `small` preset, which
@@ -33,7 +34,7 @@ from ._study import RunSpec, Times, preset_env
 __all__ = ["Resolved", "canonical_json", "config_hash", "load_main_job", "resolve"]
 
 #: Job fields that say where files go or how progress shows; not part of a run's identity.
-NOT_IDENTITY = ("out", "dataset_dir", "progress", "tensorboard", "wandb", "preset")
+NOT_IDENTITY = ("out", "dataset_dir", "shard_dir", "progress", "tensorboard", "wandb", "preset")
 #: Job fields a spec sets itself (overriding them with `--set` is refused).
 OWN_FLAGS = {"env": "--tasks", "agent": "--methods", "seeds": "--seeds", "out": "--out",
              "dataset_dir": "--dataset-dir"}  # fmt: skip
