@@ -807,7 +807,7 @@ def _shard_iterator(env_name, parsed, shards, directory, sparse, action_clip_eps
 
 @dataclasses.dataclass(frozen=True)
 class ShardHeader:
-    """What [`qam.data._ogbench.inspect_ogbench_shards`][] reads of one shard file without
+    """What `inspect_ogbench_shards` reads of one shard file without
     loading its arrays (only `terminals` is read in full).
 
     - `path`, `name` (the file name), `bytes` (the file size);
@@ -850,7 +850,7 @@ def inspect_ogbench_shards(
     headers and `terminals` are read; the other arrays' bytes are checked (by their CRC-32)
     when the shard is loaded.
 
-    **Returns:** one [`qam.data._ogbench.ShardHeader`][] per shard, in order.
+    **Returns:** one `ShardHeader` per shard, in order.
 
     **Raises:** [`qam.data.DatasetNotFoundError`][] if the directory is missing or holds no
     shard; [`qam.data.DatasetFileError`][] naming the first shard that fails a check.
