@@ -34,7 +34,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from . import data as qd
 from ._io import atomic_write_json, atomic_write_with
 from .agents import AGENTS
-from .data._ogbench import ShardHeader, inspect_ogbench_shards, load_ogbench_shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +248,8 @@ class Trainer:
         self.num_seeds = len(run.seeds)
         self.mesh = _seed_mesh(run.multi_device, self.num_seeds)
         # `shards`: the shards trained on (all of `shard_headers` when p = 1); None: one file.
-        self.shard_headers: list[ShardHeader] | None = None
-        self.shards: list[ShardHeader] | None = None
+        self.shard_headers: list[qd.ShardHeader] | None = None
+        self.shards: list[qd.ShardHeader] | None = None
         self.shard_index: int | None = None
         self.dataset: qd.Dataset  # the resident dataset (shard), replicated over the mesh
         self.data: qd.OGBenchData  # its environment and `DatasetInfo`
@@ -319,7 +318,7 @@ class Trainer:
     def _choose_shards(self, env: Any) -> None:
         run = self.run
         assert run.shard_dir is not None
-        headers = inspect_ogbench_shards(run.env_name, run.shard_dir, env=env)
+        headers = qd.inspect_ogbench_shards(run.env_name, run.shard_dir, env=env)
         self.shard_headers = headers
         self.shards = headers[: max(1, int(run.dataset_proportion * len(headers)))]
         if not run.balanced_sampling and run.online_steps > 0:
@@ -373,7 +372,7 @@ class Trainer:
         self.dataset = None  # pyright: ignore[reportAttributeAccessIssue]
         self.data = self.data._replace(train=None)  # pyright: ignore[reportArgumentType]
         self._dataset_sha256 = None
-        dataset, info = load_ogbench_shard(
+        dataset, info = qd.load_ogbench_shard(
             self.run.env_name, header.path, env=self.data.env, sparse=self.run.sparse,
             shard_index=index, num_shards=len(self.shards), **self.dense_reward,
         )  # fmt: skip
