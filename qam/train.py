@@ -254,9 +254,11 @@ class Trainer:
         self.dataset: qd.Dataset  # the resident dataset (shard), replicated over the mesh
         self.data: qd.OGBenchData  # its environment and `DatasetInfo`
         if run.shard_dir is None:
+            # make_env=False: training makes its own environments (online, evaluation), so
+            # the dataset's would only hold a few hundred MB; relabelling uses a cached one.
             data = qd.load_ogbench(
                 run.env_name, dataset_dir=run.dataset_dir, sparse=run.sparse, load_val=False,
-                **self.dense_reward,
+                make_env=False, **self.dense_reward,
             )  # fmt: skip
             self.dataset = self._replicate(_leading_fraction(data.train, run.dataset_proportion))
             self.data = data._replace(train=self.dataset)  # `data.train` is what is trained on
@@ -413,8 +415,8 @@ class Trainer:
         return self._place(_keys(self.run.seeds, stream, *path))
 
     def close(self) -> None:
-        """Close the environments this trainer made (evaluation and the dataset's); each
-        MuJoCo environment holds a few hundred MB. The agent states stay usable."""
+        """Close the environments this trainer made (evaluation, and the shards' relabelling
+        one); each MuJoCo environment holds a few hundred MB. The agent states stay usable."""
         for env in getattr(self, "_eval_env_list", []):
             env.close()
         self._eval_env_list = []

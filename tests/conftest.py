@@ -20,14 +20,36 @@ from helpers import release_memory  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def _cache_group(module) -> str:
+    """Modules that set `JAX_CACHE_GROUP = "name"` build the same programs (e.g. the tiny
+    trainer of `helpers.tiny_run`): they run one after another and keep each other's compiled
+    code. Every other module is a group of its own."""
+    return getattr(module, "JAX_CACHE_GROUP", module.__name__)
+
+
+def pytest_collection_modifyitems(items):
+    """Run the modules of one cache group one after another, where its first module stands
+    (a stable reordering: everything else keeps pytest's order)."""
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(_cache_group(item.module), index)
+    items.sort(key=lambda item: first[_cache_group(item.module)])
+
+
+_previous_group: list[str] = []
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_code_between_modules():
-    """Drop every compiled function and cached trace after each test module (modules share
-    none: their networks, shapes and configs differ) and hand the freed memory back, so the
-    suite's peak memory is that of its largest module rather than the sum of all of them."""
+def _release_compiled_code_between_modules(request):
+    """Drop every compiled function and cached trace when a new cache group starts (groups
+    share none: their networks, shapes and configs differ) and hand the freed memory back, so
+    the suite's peak memory is that of its largest group rather than the sum of all of them."""
+    group = _cache_group(request.module)
+    if _previous_group and _previous_group[-1] != group:
+        jax.clear_caches()
+        release_memory()
+    _previous_group[:] = [group]
     yield
-    jax.clear_caches()
-    release_memory()
 
 
 @pytest.fixture(autouse=True)

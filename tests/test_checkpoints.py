@@ -18,6 +18,7 @@ from qam.train import Trainer
 
 
 pytestmark = pytest.mark.standard_promotion
+JAX_CACHE_GROUP = "tiny-trainer"  # helpers.tiny_run's programs, compiled once for both
 
 ENV = TINY_ENV
 CONFIG = tiny_agent_config()
@@ -89,6 +90,12 @@ def test_capped_buffer_evicts_the_oldest_offline_rows(tiny_dataset_dir, tmp_path
     kept = np.asarray(buffers.data.observations[0])
     np.testing.assert_array_equal(kept[evicted:n], original[evicted:n])
     assert not np.array_equal(kept[:evicted], original[:evicted])
+
+
+def test_a_single_file_run_holds_no_dataset_environment(finished):
+    """Training makes its own environments; the dataset's (a few hundred MB) is not built."""
+    trainer, *_ = finished
+    assert trainer.data.env is None and trainer.data.info.num_train == trainer.dataset.size
 
 
 def test_checkpoint_holds_the_state_and_online_rows_only(finished):
