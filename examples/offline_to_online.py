@@ -1,11 +1,13 @@
 """Train an agent of `qam.agents.AGENTS` on an OGBench task, offline then online.
 
 With no arguments it runs a small embedded default that finishes on a 2-core CPU in minutes:
-it generates (once, then reuses) a small cube-single dataset with OGBench's scripted oracles
-(with a task mixture: episodes start at task 1's cube and a quarter of the placements go to
-task 1's goal), trains a small QAM-EDIT offline then online, evaluates it and the
+it generates (once, then reuses) a cube-single play dataset in OGBench's format with OGBench's
+scripted oracles (300 + 30 episodes of 200 steps), trains a small QAM-EDIT offline then online
+with the dense cube reward v7 (`qam.data.dense_reward_v7`), evaluates it and the
 behaviour-cloning flow, and writes logs (CSV, JSONL), checkpoints, a learning-curve PNG and a
-summary to `--out`.
+summary to `--out`. `--demo-data task-mixture` trains on the earlier demo's dataset instead
+(episodes start at task 1's cube and a quarter of the placements go to task 1's goal; OGBench's
+own reward).
 
 `--agent NAME` picks the method, and that method's hyperparameters become flags; `--preset`
 sets the defaults of every flag (`--help` shows the preset's values). Every paper setting is
@@ -72,23 +74,37 @@ PAPER_RUN = dict(
     log_interval=1_000, batch_size=256, start_training=5_000, checkpoint_interval=50_000,
 )  # fmt: skip
 
-# The demo's dataset (not OGBench's; see `qam.data.generate_dataset`'s task mixture): play data
-# whose episodes start from task 1's initial cube and whose oracle carries the cube to task 1's
-# goal a quarter of the time, elsewhere otherwise. Behaviour cloning reproduces that mixture;
-# the critic steers QAM toward the rewarded placement.
-DEMO_DATA: dict[str, Any] = dict(
-    env="cube-single-v0", dataset_type="play", episodes=100, max_episode_steps=200, task=1,
-    task_goal_fraction=0.25, task_start_fraction=1.0, seed=0,
-)  # fmt: skip
+# The embedded default's datasets, generated once into the cache (`--demo-data`):
+# - `play`: OGBench's own play data (the format and oracles of `cube-single-play-v0`, a
+#   smaller number of episodes), trained on with the dense reward v7 (see `DEMO_DENSE`);
+# - `task-mixture` (not OGBench's; see `qam.data.generate_dataset`'s task mixture): play data
+#   whose episodes start from task 1's initial cube and whose oracle carries the cube to task
+#   1's goal a quarter of the time, elsewhere otherwise. Behaviour cloning reproduces that
+#   mixture; the critic steers QAM toward the rewarded placement.
+DEMO_DATASETS: dict[str, dict[str, Any]] = {
+    "play": dict(
+        env="cube-single-v0", dataset_type="play", episodes=300, max_episode_steps=200,
+        task=None, task_goal_fraction=0.0, task_start_fraction=0.0, seed=0,
+    ),
+    "task-mixture": dict(
+        env="cube-single-v0", dataset_type="play", episodes=100, max_episode_steps=200, task=1,
+        task_goal_fraction=0.25, task_start_fraction=1.0, seed=0,
+    ),
+}  # fmt: skip
+# `--dense-reward-version auto`: the reward each demo dataset is trained with when it is used.
+DEMO_DENSE = {"play": "v7", "task-mixture": "none"}
 
 
-def demo_dataset_dir(cache: str | None = None) -> str:
+def demo_dataset_dir(cache: str | None = None, kind: str = "play") -> str:
     """The demo dataset's own directory in the cache, named by its settings, so a cached file
     made with other settings (or by an older version) is never mistaken for it."""
-    d = DEMO_DATA
-    name = (f"{d['env'].removesuffix('-v0')}-{d['dataset_type']}-task{d['task']}"
-            f"-goal{d['task_goal_fraction']}-start{d['task_start_fraction']}-ep{d['episodes']}"
-            f"x{d['max_episode_steps']}-seed{d['seed']}")  # fmt: skip
+    d = DEMO_DATASETS[kind]
+    mixture = (
+        "" if d["task"] is None
+        else f"-task{d['task']}-goal{d['task_goal_fraction']}-start{d['task_start_fraction']}"
+    )  # fmt: skip
+    name = (f"{d['env'].removesuffix('-v0')}-{d['dataset_type']}{mixture}"
+            f"-ep{d['episodes']}x{d['max_episode_steps']}-seed{d['seed']}")  # fmt: skip
     return os.path.join(DEFAULT_CACHE if cache is None else cache, name)
 
 
@@ -96,7 +112,7 @@ def demo_dataset_dir(cache: str | None = None) -> str:
 class Job:
     """The run. The defaults shown are the preset's: `small` (the CPU demo) unless `--preset
     paper` is given. Without `--dataset-dir` or an official file, the default env trains on the
-    demo dataset, generated once into ~/.cache/qam/datasets."""
+    demo dataset (`--demo-data`), generated once into ~/.cache/qam/datasets."""
 
     env: str = DEFAULT_ENV  # OGBench single-task name
     agent: Annotated[str, choice_flag(tuple(AGENTS))] = DEFAULT_AGENT  # the method to train
@@ -108,10 +124,14 @@ class Job:
     seeds: tuple[int, ...] = (0,)  # seeds trained together in one program (vmapped)
     # the paper's sparse reward transform, r <- -1[r != 0] (auto: on for scene and puzzle)
     sparse: Literal["auto", "yes", "no"] = "auto"
-    # dense cube reward (qam.data.dense_reward_v1..v9), alike offline, online and in evaluation
-    dense_reward_version: Literal["none", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9"] = (
-        "none"
-    )
+    # the embedded default's generated dataset (default env, no --dataset-dir or --shard-dir):
+    # OGBench-format play data, or the task mixture
+    demo_data: Literal["play", "task-mixture"] = "play"
+    # dense cube reward (qam.data.dense_reward_v1..v9), alike offline, online and in evaluation;
+    # auto: the embedded default's (v7 with --demo-data play), none for any other run
+    dense_reward_version: Literal[
+        "auto", "none", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9"
+    ] = "auto"
     cube_success_threshold: float = 0.04  # metres; success check and dense rewards (cube tasks)
     offline_steps: int = 9_000  # offline gradient steps
     online_steps: int = 3_000  # online environment steps
@@ -258,6 +278,8 @@ def build_configs(job: Job, hyper: Any) -> tuple[RunConfig, Any]:
     )
     sparse = {"auto": None, "yes": True, "no": False}[job.sparse]
     dense = job.dense_reward_version
+    if dense == "auto":
+        dense = DEMO_DENSE[job.demo_data] if is_embedded_default(job) else "none"
     run = RunConfig(
         env_name=job.env, agent=job.agent, seeds=tuple(job.seeds),
         out_dir=job.out or os.path.join("runs", job.env, job.agent), dataset_dir=job.dataset_dir,
@@ -275,22 +297,32 @@ def build_configs(job: Job, hyper: Any) -> tuple[RunConfig, Any]:
     return run, agent_config
 
 
+def is_embedded_default(job: Job) -> bool:
+    """Whether `job` trains the embedded default's task without naming its data (no
+    `--dataset-dir` or `--shard-dir`): then the demo dataset (`--demo-data`) is used, unless an
+    official file of the task is found, and `--dense-reward-version auto` is the demo's."""
+    return job.dataset_dir is None and job.env == DEFAULT_ENV and job.shard_dir is None
+
+
 def ensure_demo_dataset(job: Job) -> str | None:
     """For the embedded default (no `--dataset-dir`, default env, no official file), generate
     the demo dataset once into the cache and reuse it; the dataset directory to use."""
-    if job.dataset_dir is not None or job.env != DEFAULT_ENV or job.shard_dir is not None:
+    if not is_embedded_default(job):
         return job.dataset_dir
     parsed = qd.parse_env_name(job.env)
     official_dir, _ = qd.resolve_dataset_dir(None)
     if os.path.exists(os.path.join(official_dir, parsed.dataset_name + ".npz")):
         return None
-    directory = demo_dataset_dir()
+    directory = demo_dataset_dir(kind=job.demo_data)
     if not os.path.exists(os.path.join(directory, parsed.dataset_name + ".npz")):
-        d = DEMO_DATA
+        d = DEMO_DATASETS[job.demo_data]
+        what = (
+            "OGBench's play format" if d["task"] is None
+            else f"task {d['task']}'s start and a {d['task_goal_fraction']:.0%} share of its goal"
+        )  # fmt: skip
         print(f"Generating the demo dataset ({d['episodes']} + {d['episodes'] // 10} episodes "
-              f"of {d['max_episode_steps']} steps, {parsed.dataset_name}.npz with task "
-              f"{d['task']}'s start and a {d['task_goal_fraction']:.0%} share of its goal) "
-              f"into {directory} (once; reused afterwards) ...")  # fmt: skip
+              f"of {d['max_episode_steps']} steps, {parsed.dataset_name}.npz, {what}) into "
+              f"{directory} (once; reused afterwards) ...")  # fmt: skip
         qd.generate_dataset(
             d["env"], d["dataset_type"], num_episodes=d["episodes"], out_dir=directory,
             seed=d["seed"], max_episode_steps=d["max_episode_steps"], task=d["task"],

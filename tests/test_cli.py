@@ -3,6 +3,7 @@ of it and of `python -m qam.data.generate` (flags, `--help`, errors)."""
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import sys
@@ -83,25 +84,50 @@ def test_missing_dataset_names_the_file_and_the_way_out(tmp_path):
 
 
 def test_demo_dataset_generated_once_into_its_own_directory(tmp_path, monkeypatch):
-    """The embedded default generates its dataset (with the task mixture the demo relies on)
-    into a cache directory named by its settings, once, and reuses it afterwards."""
+    """The embedded default generates its dataset (OGBench's play format, or with
+    `--demo-data task-mixture` the task mixture) into a cache directory named by its settings,
+    once, and reuses it afterwards."""
     cli = _load()
     monkeypatch.setattr(cli, "DEFAULT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli, "DEMO_DATA", dict(cli.DEMO_DATA, episodes=2, max_episode_steps=30))
+    small = {k: dict(d, episodes=2, max_episode_steps=30) for k, d in cli.DEMO_DATASETS.items()}
+    monkeypatch.setattr(cli, "DEMO_DATASETS", small)
     monkeypatch.setenv("QAM_DATASET_DIR", str(tmp_path / "no-official-files"))
     job, _ = cli.parse_args([])
     directory = cli.ensure_demo_dataset(job)
-    assert directory == cli.demo_dataset_dir(str(tmp_path / "cache"))
-    assert "goal0.25" in directory and "start1.0" in directory
+    assert directory == cli.demo_dataset_dir(str(tmp_path / "cache"), "play")
+    assert os.path.basename(directory) == "cube-single-play-ep2x30-seed0"
     path = pathlib.Path(directory) / "cube-single-play-v0.npz"
     meta = json.loads((pathlib.Path(directory) / "cube-single-play-v0.meta.json").read_text())
-    assert (meta["task"], meta["task_goal_fraction"], meta["task_start_fraction"]) == (1, 0.25, 1.0)
+    assert (meta["task"], meta["task_goal_fraction"], meta["num_episodes"]) == (None, 0.0, 2)
     stamp = path.stat().st_mtime_ns
     assert cli.ensure_demo_dataset(cli.parse_args([])[0]) == directory
     assert path.stat().st_mtime_ns == stamp  # reused, not regenerated
+    mixture = cli.ensure_demo_dataset(cli.parse_args(["--demo-data", "task-mixture"])[0])
+    assert mixture == cli.demo_dataset_dir(str(tmp_path / "cache"), "task-mixture") != directory
+    assert "task1-goal0.25-start1.0" in mixture
+    meta = json.loads((pathlib.Path(mixture) / "cube-single-play-v0.meta.json").read_text())
+    assert (meta["task"], meta["task_goal_fraction"], meta["task_start_fraction"]) == (1, 0.25, 1.0)
     # Any explicit choice bypasses the demo dataset.
     explicit, _ = cli.parse_args(["--dataset-dir", str(tmp_path)])
     assert cli.ensure_demo_dataset(explicit) == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], "v7"),  # the embedded default: the play demo with the dense reward v7
+        (["--demo-data", "task-mixture"], None),
+        (["--dataset-dir", "/d"], None),  # the user's data: the task's own reward
+        (["--env", "cube-double-play-singletask-task2-v0"], None),
+        (["--env", "puzzle-3x3-play-singletask-task1-v0"], None),
+        (["--dense-reward-version", "none"], None),
+        (["--dataset-dir", "/d", "--dense-reward-version", "v2"], "v2"),
+    ],
+)
+def test_auto_dense_reward_is_the_embedded_default_s_only(argv, expected):
+    cli = _load()
+    run, _ = cli.build_configs(*cli.parse_args(argv))
+    assert run.dense_reward_version == expected
 
 
 # --- the command lines: `--help` and usage errors ---------------------------------------------
@@ -148,9 +174,10 @@ RUN_FLAGS = {
     "--eval-interval": "3000", "--log-interval": "500", "--checkpoint-interval": "3000",
     "--batch-size": "128", "--start-training": "250", "--utd": "1", "--buffer-size": "None",
     "--max-episode-steps": "None", "--tensorboard": "False", "--wandb": "False",
-    "--progress": "True", "--dense-reward-version": "none", "--cube-success-threshold": "0.04",
+    "--progress": "True", "--dense-reward-version": "auto", "--cube-success-threshold": "0.04",
     "--balanced-sampling": "False", "--random-warmup": "False", "--shard-dir": "None",
     "--dataset-replace-interval": "1000", "--dataset-proportion": "1.0", "--multi-device": "True",
+    "--demo-data": "play",
 }  # fmt: skip
 
 
