@@ -255,7 +255,8 @@ class Trainer:
         self.data: qd.OGBenchData  # its environment and `DatasetInfo`
         if run.shard_dir is None:
             # make_env=False: training makes its own environments (online, evaluation), so
-            # the dataset's would only hold a few hundred MB; relabelling uses a cached one.
+            # the dataset's would only hold a few hundred MB (relabelling builds one and
+            # closes it).
             data = qd.load_ogbench(
                 run.env_name, dataset_dir=run.dataset_dir, sparse=run.sparse, load_val=False,
                 make_env=False, **self.dense_reward,

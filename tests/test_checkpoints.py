@@ -18,7 +18,6 @@ from qam.train import Trainer
 
 
 pytestmark = pytest.mark.standard_promotion
-JAX_CACHE_GROUP = "tiny-trainer"  # helpers.tiny_run's programs, compiled once for both
 
 ENV = TINY_ENV
 CONFIG = tiny_agent_config()

@@ -250,10 +250,16 @@ def generated(tmp_path_factory):
                               progress=False)  # fmt: skip
     raw = dict(np.load(gen.train_path))
     base = qd.make_env(TASK)
+    import gymnasium
+
     from qam.data import _ogbench
 
+    class _KeptOpen(gymnasium.Wrapper):  # `load_ogbench` closes its relabelling env
+        def close(self):
+            pass
+
     with pytest.MonkeyPatch.context() as patch:  # relabel with this env: no second simulator
-        patch.setattr(_ogbench, "_relabel_env", lambda name: base)
+        patch.setattr(_ogbench, "_relabel_env", lambda name: _KeptOpen(base))
         yield directory, raw, base
     base.close()
 

@@ -1,9 +1,9 @@
 """Seeds sharded over several devices give the single-device run's results.
 
 One subprocess with four CPU devices (`--xla_force_host_platform_device_count=4`, which must
-be set before XLA starts, hence the subprocess) trains the same tiny 4-seed offline + online
-ReBRAC run twice, with `multi_device=True` (one seed per device) and `False` (all on device
-0), and checks which devices are chosen for other seed counts.
+be set before XLA starts, hence the subprocess) trains the same tiny 2-seed offline + online
+ReBRAC run twice, with `multi_device=True` (one seed per device, on the first two) and
+`False` (both on device 0), and checks which devices are chosen for other seed counts.
 
 Not bit for bit: the per-seed computation is the same, but XLA compiles the per-device
 program for a batch of 1 (or 2, ...) seeds instead of 4 and lowers its dots differently
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.standard_promotion
 
 EPS = float(np.finfo(np.float32).eps)
 TOLERANCE_ULPS = 128
-SEEDS = (0, 3, 5, 7)
+SEEDS = (0, 5)  # on 2 of the 4 devices: two trainings of 2 seeds hold half the memory
 DEVICES = 4
 
 
@@ -38,7 +38,7 @@ def _child(dataset_dir: str, out: str) -> None:
 
     import equinox as eqx
     import jax
-    from helpers import tiny_run
+    from helpers import release_memory, tiny_run
     from jax.sharding import PartitionSpec
 
     from qam.agents import AGENTS
@@ -68,6 +68,9 @@ def _child(dataset_dir: str, out: str) -> None:
             devices=[d.id for d in trainer.devices],
         )  # fmt: skip
         trainer.close()
+        del trainer
+        jax.clear_caches()  # the second training compiles its own programs
+        release_memory()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         chosen = {n: _seed_mesh(True, n) for n in (1, 2, 3, 6, 8)}
@@ -93,8 +96,8 @@ def test_sharded_seeds_equal_the_single_device_run(tiny_dataset_dir, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     sharded, single = summary["True"], summary["False"]
     # Where the seeds ran: one per device, every array sharded along its seed axis.
-    assert sharded["devices"] == [0, 1, 2, 3] and single["devices"] == [0]
-    assert sharded["shardings"] == [[summary["spec"], DEVICES]]
+    assert sharded["devices"] == [0, 1] and single["devices"] == [0]
+    assert sharded["shardings"] == [[summary["spec"], len(SEEDS)]]
     assert [count for _, count in single["shardings"]] == [1]
     # The same results, to float32 rounding (see the module docstring).
     with np.load(tmp_path / "leaves-True.npz") as a, np.load(tmp_path / "leaves-False.npz") as b:

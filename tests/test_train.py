@@ -10,7 +10,6 @@ from qam.train import Trainer
 
 
 pytestmark = pytest.mark.standard_promotion
-JAX_CACHE_GROUP = "tiny-trainer"  # helpers.tiny_run's programs, compiled once for both
 
 CONFIG = tiny_agent_config()
 

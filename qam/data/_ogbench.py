@@ -655,14 +655,18 @@ def load_ogbench(
 
     env = _make_env_for(env_name, dense) if make_env else _relabel_env(env_name)
     datasets = []
-    for path in paths:
-        raw = _load_file(path, parsed)
-        _check_matches_env(raw, env, path, env_name)
-        raw = _relabel(
-            raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps, dense=dense
-        )
-        datasets.append(dataset_from_numpy(raw, name=os.path.basename(path)))
-        del raw
+    try:
+        for path in paths:
+            raw = _load_file(path, parsed)
+            _check_matches_env(raw, env, path, env_name)
+            raw = _relabel(
+                raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps, dense=dense
+            )
+            datasets.append(dataset_from_numpy(raw, name=os.path.basename(path)))
+            del raw
+    finally:
+        if not make_env:  # the relabelling env is the caller's only when it asked for one
+            env.close()
     train = datasets[0]
     val = datasets[1] if load_val else None
     info = _dataset_info(
@@ -722,17 +726,11 @@ def _make_env_for(env_name: str, dense: _Dense | None = None) -> Any:
     return make_env(env_name, dense_reward_version=dense.version, dense_reward_config=dense.config)
 
 
-_RELABEL_ENVS: dict[str, Any] = {}
-
-
 def _relabel_env(env_name: str) -> Any:
-    """A cached single-task env used only for relabelling (it is reset, never stepped)."""
-    env_id = parse_env_name(env_name).env_id
-    if env_id not in _RELABEL_ENVS:
-        if len(_RELABEL_ENVS) >= 4:
-            _RELABEL_ENVS.pop(next(iter(_RELABEL_ENVS))).close()
-        _RELABEL_ENVS[env_id] = make_env(env_name)
-    return _RELABEL_ENVS[env_id]
+    """A single-task env used only for relabelling (it is reset, never stepped). Not cached:
+    a MuJoCo environment holds 150-450 MB (meshes, the IK model, the simulation arena) and
+    takes ~0.5 s to build, so the caller closes it once the files are relabelled."""
+    return make_env(env_name)
 
 
 def list_shards(shard_dir: str | os.PathLike) -> list[str]:
@@ -788,21 +786,25 @@ def iter_ogbench_shards(
 
 
 def _shard_iterator(env_name, parsed, shards, directory, sparse, action_clip_eps, cycle):
-    env = _relabel_env(env_name)
-    while True:
-        for i, path in enumerate(shards):
-            raw = _load_file(path, parsed)
-            raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps)
-            dataset = dataset_from_numpy(raw, name=os.path.basename(path))
-            del raw
-            info = _dataset_info(
-                env_name, parsed, sparse, action_clip_eps, directory, "shard_dir argument",
-                [path], num_train=dataset.size, num_val=0, shard_index=i, num_shards=len(shards),
-            )  # fmt: skip
-            yield dataset, info
-            del dataset
-        if not cycle:
-            return
+    env = _relabel_env(env_name)  # the iterator's own, closed when it ends or is dropped
+    try:
+        while True:
+            for i, path in enumerate(shards):
+                raw = _load_file(path, parsed)
+                raw = _relabel(raw, parsed, env, sparse=sparse, action_clip_eps=action_clip_eps)
+                dataset = dataset_from_numpy(raw, name=os.path.basename(path))
+                del raw
+                info = _dataset_info(
+                    env_name, parsed, sparse, action_clip_eps, directory, "shard_dir argument",
+                    [path], num_train=dataset.size, num_val=0, shard_index=i,
+                    num_shards=len(shards),
+                )  # fmt: skip
+                yield dataset, info
+                del dataset
+            if not cycle:
+                return
+    finally:
+        env.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -845,7 +847,7 @@ def inspect_ogbench_shards(
     readable zip archive holding `observations`, `actions`, `terminals` and `qpos` (OGBench's
     single-task relabelling needs it) with one leading size, OGBench's dtypes (float or, for
     visual tasks, uint8 observations; float actions), per-row shapes that fit `env_name`'s
-    environment (`env`, or a cached one when `None`), and `terminals` marking at least one
+    environment (`env`, or one built for the call when `None`), and `terminals` marking at least one
     episode end, on the last row among them. Only the archive's directory, the arrays'
     headers and `terminals` are read; the other arrays' bytes are checked (by their CRC-32)
     when the shard is loaded.
@@ -865,11 +867,14 @@ def inspect_ogbench_shards(
             "datasets: place the shard files there by hand (the 100M-transition datasets are "
             "directories of .npz shards; see OGBench's and horizon-reduction's READMEs)."
         )
-    env = _relabel_env(env_name) if env is None else env
+    own = env is None
+    env = _relabel_env(env_name) if own else env
     with warnings.catch_warnings():  # OGBench builds its float64 boxes on each access
         warnings.filterwarnings("ignore", message=CAST_WARNING)
         expected = {"observations": tuple(env.observation_space.shape),
                     "actions": tuple(env.action_space.shape)}  # fmt: skip
+    if own:
+        env.close()
     visual = "visual" in parsed.env_id
     return [_inspect_shard(path, expected, visual) for path in paths]
 
