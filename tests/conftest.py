@@ -74,7 +74,9 @@ def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` (the default `addopts`: `-n 2 --dist loadfile`) with the work units
     of `_work_unit` instead of single files, handed out in collection order (memory-heavy
     first): one worker starts on the memory-heavy modules while the other takes the rest,
-    unit by unit; whichever is free takes the next. Other `--dist` modes are xdist's own."""
+    unit by unit; whichever is free takes the next. Other `--dist` modes are xdist's own.
+    (Not `--dist loadgroup` with `xdist_group` marks: pytest-xdist 3.8 renames the items'
+    `_nodeid`, which pytest 9 no longer reads, so the marks are silently ignored.)"""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
