@@ -869,12 +869,14 @@ def inspect_ogbench_shards(
         )
     own = env is None
     env = _relabel_env(env_name) if own else env
-    with warnings.catch_warnings():  # OGBench builds its float64 boxes on each access
-        warnings.filterwarnings("ignore", message=CAST_WARNING)
-        expected = {"observations": tuple(env.observation_space.shape),
-                    "actions": tuple(env.action_space.shape)}  # fmt: skip
-    if own:
-        env.close()
+    try:
+        with warnings.catch_warnings():  # OGBench builds its float64 boxes on each access
+            warnings.filterwarnings("ignore", message=CAST_WARNING)
+            expected = {"observations": tuple(env.observation_space.shape),
+                        "actions": tuple(env.action_space.shape)}  # fmt: skip
+    finally:
+        if own:  # built for this call; a caller's env stays open
+            env.close()
     visual = "visual" in parsed.env_id
     return [_inspect_shard(path, expected, visual) for path in paths]
 
